@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints, one package per OpenAI family (schema beside view)."""

@@ -1,0 +1,99 @@
+"""The shared path of chat and text completions: authenticate, validate, submit, then stream or collect.
+
+Each family supplies a `Shaper` that turns stream events into its OpenAI chunk and response objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import orjson
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+
+from api.auth import authenticate
+from api.body import json_body, validate
+from api.openai.sampling import SamplingRequest
+from farm import jobs
+from farm.db import run_db
+from farm.errors import FarmError
+from farm.inference import Submission, inference_submit
+from farm.job_streams import job_collect, job_stream_events
+from farm.models import JobStatus
+from farm.stream_format import Delta, End, Failure
+from settings import env
+
+log = logging.getLogger(__name__)
+
+
+class Shaper(Protocol):
+    kind: str
+    id_prefix: str
+
+    def chunk(self, sub: Submission, *, text: str | None, finish_reason: str | None, first: bool) -> dict[str, Any]: ...
+
+    def body(self, sub: Submission, *, text: str, finish_reason: str) -> dict[str, Any]: ...
+
+
+def usage(end: End) -> dict[str, int]:
+    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
+            "total_tokens": end.prompt_tokens + end.completion_tokens}
+
+
+def failure_error(failure: Failure) -> FarmError:
+    return FarmError(failure.message, status=failure.status, type=failure.type, code=failure.code)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _mark_timed_out(sub: Submission) -> None:
+    """The API gave up waiting: end the job unless its worker already ended it."""
+    for attempt_status in (JobStatus.TIMED_OUT,):
+        await run_db(jobs.job_apply_event, job_id=sub.job_id, attempt=1, kind=attempt_status, worker_id="",
+                     detail={"error": {"code": "deadline_exceeded", "message": "no result before the deadline"}})
+
+
+async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
+    first = True
+    async for event in job_stream_events(sub.job_id, deadline=sub.deadline):
+        if isinstance(event, Delta):
+            yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
+                        **({"usage": None} if include_usage else {})})
+            first = False
+        elif isinstance(event, End):
+            yield _sse({**shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
+                        **({"usage": None} if include_usage else {})})
+            if include_usage:
+                yield _sse({**shaper.chunk(sub, text=None, finish_reason=None, first=False), "choices": [],
+                            "usage": usage(event)})
+        else:
+            if event.code == "deadline_exceeded":
+                await _mark_timed_out(sub)
+            error = failure_error(event)
+            yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
+    yield b"data: [DONE]\n\n"
+
+
+async def generation_view(request: HttpRequest, schema: type[SamplingRequest], shaper: Shaper) -> HttpResponse:
+    principal = await authenticate(request)
+    params = validate(schema, json_body(request))
+    sub = await inference_submit(
+        principal=principal, kind=shaper.kind, model_name=params.model,
+        request=params.job_request(),  # type: ignore[attr-defined]
+        timeout_s=env.FARM_INFERENCE_TIMEOUT_S,
+    )
+    if params.stream:
+        response = StreamingHttpResponse(_event_stream(sub, shaper, params.include_usage),
+                                         content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    text, final = await job_collect(sub.job_id, deadline=sub.deadline)
+    if isinstance(final, Failure):
+        if final.code == "deadline_exceeded":
+            await _mark_timed_out(sub)
+        raise failure_error(final)
+    return JsonResponse({**shaper.body(sub, text=text, finish_reason=final.finish_reason), "usage": usage(final)})

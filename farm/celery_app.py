@@ -1,0 +1,42 @@
+"""Builds a Celery app from the queue table. Import-light: GPU workers use it without Django or settings."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from farm import queues
+
+
+def create_celery_app(*, broker_url: str, main: str = "farm") -> Celery:
+    """One configuration for every farm process: JSON only, late acks, prefetch 1, no result backend."""
+    app = Celery(main, broker=broker_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=queues.CONTROL_QUEUE,
+        task_routes=queues.celery_task_routes(),
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Unacked messages of a dead worker come back after this; the reaper (farm.jobs) acts much sooner.
+            "visibility_timeout": 3600,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        broker_pool_limit=64,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        beat_schedule={
+            name: {"task": task, "schedule": cadence, "options": {"expires": cadence * 0.9}}
+            for name, (task, cadence) in queues.BEAT_SCHEDULE_S.items()
+        },
+        timezone="UTC",
+    )
+    return app

@@ -1,0 +1,37 @@
+"""Command lines of the farm's processes, used by `manage.py runfarm` and by the tests' live farm."""
+
+from __future__ import annotations
+
+import sys
+
+from farm import queues
+
+
+def api_command(*, host: str, port: int, workers: int = 1) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "api.asgi:application", "--host", host, "--port", str(port),
+            "--workers", str(workers), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
+            "--timeout-graceful-shutdown", "5"]
+
+
+def control_worker_command(*, beat: bool = True, concurrency: int = 4) -> list[str]:
+    command = [sys.executable, "-m", "celery", "-A", "farm.celery", "worker", "-Q", queues.CONTROL_QUEUE,
+               "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
+               "--hostname", "control@%h", "--without-gossip", "--without-mingle"]
+    if beat:
+        command += ["--beat", "--schedule", ".farm/celerybeat-schedule"]
+    return command
+
+
+def gpu_worker_command(*, specs: list[str], worker_id: str, concurrency: int = 128) -> list[str]:
+    command = [sys.executable, "-m", "gpu_workers", "--worker-id", worker_id, "--concurrency", str(concurrency)]
+    for spec in specs:
+        command += ["--spec", spec]
+    return command
+
+
+def flower_command(*, broker_url: str, port: int, basic_auth: str | None) -> list[str]:
+    command = [sys.executable, "-m", "celery", "--broker", broker_url, "flower", "--port", str(port),
+               "--address", "127.0.0.1"]
+    if basic_auth:
+        command.append(f"--basic-auth={basic_auth}")
+    return command

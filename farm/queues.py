@@ -1,0 +1,61 @@
+"""The one table of queues, task names, routes and per-task policy.
+
+Import-light on purpose (no Django, no Celery): the Celery app, the workers, the API and `deploy/` all read it.
+Nothing else spells a queue name or a task name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CONTROL_QUEUE = "control"
+INFER_PREFIX = "infer."
+TRAIN_PREFIX = "train."
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+
+
+def infer_queue(spec_name: str) -> str:
+    """The queue that carries inference for one model spec."""
+    return INFER_PREFIX + spec_name
+
+
+def train_queue(hardware_class: str) -> str:
+    """The queue that carries training and other long jobs for one hardware class (`cpu`, `gpu-80gb`...)."""
+    return TRAIN_PREFIX + hardware_class
+
+
+def is_valid_name(name: str) -> bool:
+    """Spec names and hardware classes become queue names: lowercase, digits, `.`, `_`, `-`."""
+    return bool(_NAME_RE.match(name))
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """How one task is delivered: its dotted name, queue family and time/retry limits."""
+
+    name: str
+    soft_time_limit_s: float | None
+    time_limit_s: float | None
+    max_retries: int
+
+
+# Explicit dotted names: a rename of a Python function never orphans queued messages.
+INFER_TASK = TaskPolicy("farm.infer.generate", soft_time_limit_s=None, time_limit_s=None, max_retries=0)
+JOB_EVENT_TASK = TaskPolicy("farm.control.job_event", soft_time_limit_s=30, time_limit_s=60, max_retries=10)
+WORKER_HEARTBEAT_TASK = TaskPolicy("farm.control.worker_sync", soft_time_limit_s=30, time_limit_s=60, max_retries=0)
+REAP_TASK = TaskPolicy("farm.control.reap", soft_time_limit_s=50, time_limit_s=60, max_retries=0)
+
+# Tasks the control worker consumes: they always go to the control queue.
+CONTROL_TASKS = (JOB_EVENT_TASK, WORKER_HEARTBEAT_TASK, REAP_TASK)
+
+# Beat schedule: name -> (task, cadence seconds). Each entry expires before its next run so none pile up.
+BEAT_SCHEDULE_S = {
+    "reap-silent-workers": (REAP_TASK.name, 10.0),
+}
+
+
+def celery_task_routes() -> dict[str, dict[str, str]]:
+    """Routes for tasks with a fixed queue; inference is published with an explicit `infer.<spec>` queue."""
+    return {task.name: {"queue": CONTROL_QUEUE} for task in CONTROL_TASKS}

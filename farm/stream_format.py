@@ -1,0 +1,61 @@
+"""Wire format of a job's Redis stream, shared by the worker (writer) and the API (reader). Import-light.
+
+Each entry has one field `m` holding compact JSON:
+- `{"t": "d", "x": "<text delta>", "n": <tokens in delta>}`: generated text;
+- `{"t": "e", "f": "<finish_reason>", "u": {"prompt_tokens": .., "completion_tokens": ..}}`: the end;
+- `{"t": "x", "s": <http status>, "y": "<error type>", "c": "<code>", "m": "<message>"}`: a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+FIELD = "m"
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class End:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    type: str
+    code: str
+    message: str
+
+
+StreamEvent = Delta | End | Failure
+
+
+def encode(event: StreamEvent) -> bytes:
+    if isinstance(event, Delta):
+        obj: dict[str, Any] = {"t": "d", "x": event.text, "n": event.tokens}
+    elif isinstance(event, End):
+        obj = {"t": "e", "f": event.finish_reason, "u": [event.prompt_tokens, event.completion_tokens]}
+    else:
+        obj = {"t": "x", "s": event.status, "y": event.type, "c": event.code, "m": event.message}
+    return orjson.dumps(obj)
+
+
+def decode(raw: bytes | str) -> StreamEvent:
+    obj = orjson.loads(raw)
+    kind = obj["t"]
+    if kind == "d":
+        return Delta(text=obj["x"], tokens=obj["n"])
+    if kind == "e":
+        prompt, completion = obj["u"]
+        return End(finish_reason=obj["f"], prompt_tokens=prompt, completion_tokens=completion)
+    return Failure(status=obj["s"], type=obj["y"], code=obj["c"], message=obj["m"])

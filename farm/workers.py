@@ -1,0 +1,33 @@
+"""Worker rows: the database mirror of the live registry, for the admin and history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from farm.models import Worker
+from farm.registry import live_workers_sync
+
+
+def worker_registry_sync() -> tuple[int, int]:
+    """Upserts live workers as online and marks silent ones offline. Returns (online, offline) counts."""
+    live, gone = live_workers_sync()
+    for worker in live:
+        entry = worker.raw
+        Worker.objects.update_or_create(
+            worker_id=worker.worker_id,
+            defaults={
+                "hostname": entry.get("hostname", ""), "status": Worker.Status.ONLINE, "specs": list(worker.specs),
+                "hardware": entry.get("hardware", {}), "load": entry.get("load", {}),
+                "started_at": datetime.fromtimestamp(entry.get("started_at", entry["ts"]), tz=UTC),
+                "last_seen_at": datetime.fromtimestamp(entry["ts"], tz=UTC),
+            },
+        )
+    live_ids = [w.worker_id for w in live]
+    offline = Worker.objects.filter(status=Worker.Status.ONLINE).exclude(worker_id__in=live_ids).update(
+        status=Worker.Status.OFFLINE)
+    if gone:
+        from farm import redis_keys
+        from farm.redis_client import sync_redis
+
+        sync_redis().srem(redis_keys.WORKERS_SET, *gone)
+    return len(live), offline

@@ -1,0 +1,1 @@
+"""Inference workers: the only package allowed to import vLLM / torch / transformers."""

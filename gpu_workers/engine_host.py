@@ -1,0 +1,68 @@
+"""The worker's engine host: one asyncio loop thread that owns every engine and the async Redis client.
+
+Celery task threads hand it coroutines (`run`) and block on the result; all engine calls happen on this loop, so
+one `AsyncLLM` per spec serves every thread and vLLM batches their requests continuously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from gpu_workers.engine import Engine, EngineConfig, create_engine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineHost:
+    def __init__(self, *, redis_url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+        self.engines: dict[str, Engine] = {}
+        self.redis: aioredis.Redis = self.run(self._connect(redis_url))
+
+    @staticmethod
+    async def _connect(redis_url: str) -> aioredis.Redis:
+        return aioredis.Redis.from_url(redis_url, max_connections=512, health_check_interval=30)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs `coro` on the engine loop and waits for it (from any thread but the loop's own)."""
+        return self.submit(coro).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def load(self, config: EngineConfig) -> Engine:
+        """Loads a spec's engine on the loop thread (AsyncLLM binds its output handler to the loop)."""
+        if config.spec_name not in self.engines:
+
+            async def build() -> Engine:
+                return create_engine(config)
+
+            self.engines[config.spec_name] = self.run(build())
+        return self.engines[config.spec_name]
+
+    def engine(self, spec_name: str) -> Engine | None:
+        return self.engines.get(spec_name)
+
+    def close(self) -> None:
+        for name, engine in self.engines.items():
+            try:
+                engine.shutdown()
+            except Exception:
+                log.exception("engine %s did not shut down cleanly", name)
+        self.engines.clear()
+        try:
+            self.run(self.redis.aclose(), timeout=5)
+        except Exception:
+            log.warning("redis client did not close cleanly", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)

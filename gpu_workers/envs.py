@@ -1,0 +1,30 @@
+"""Every environment variable a worker reads, typed and commented (vLLM `envs.py` style).
+
+Workers need only the broker URL and their model store: no database credentials, no Django settings.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def _get(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+# Broker and data plane (token streams, registry). Same Redis as the control plane.
+REDIS_URL: str = _get("REDIS_URL", "redis://127.0.0.1:6390/0")
+# Directory holding model weights; spec sources are resolved under it.
+FARM_MODEL_DIR: Path = Path(_get("FARM_MODEL_DIR", str(Path(__file__).resolve().parent.parent / "models")))
+# Stable id of this worker in the registry (default: host name + pid).
+FARM_WORKER_ID: str = _get("FARM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
+# Concurrent inference tasks (Celery threads) sharing each engine; vLLM batches them continuously.
+FARM_WORKER_CONCURRENCY: int = int(_get("FARM_WORKER_CONCURRENCY", "128"))
+# Seconds between heartbeats, and how long a registry entry lives without one.
+FARM_HEARTBEAT_S: float = float(_get("FARM_HEARTBEAT_S", "5"))
+FARM_WORKER_TTL_S: float = float(_get("FARM_WORKER_TTL_S", "15"))
+# KV cache size for CPU engines in GiB (passed to vLLM as VLLM_CPU_KVCACHE_SPACE when unset).
+FARM_CPU_KVCACHE_GIB: str = _get("FARM_CPU_KVCACHE_GIB", "2")

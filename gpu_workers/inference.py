@@ -1,0 +1,128 @@
+"""Runs one inference job on this worker: claim it, drive the engine, stream tokens, report the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from farm import redis_keys, stream_format
+from farm.stream_format import Delta, End, Failure
+from gpu_workers.engine import Engine, EngineInputError, PreparedRequest, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceMessage:
+    """The task's JSON payload, as published by `farm.inference.inference_submit`."""
+
+    job_id: str
+    attempt: int
+    spec: str
+    kind: str
+    request: dict[str, Any]
+    deadline: float  # epoch seconds
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> InferenceMessage:
+        return cls(**{name: kwargs[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # succeeded | failed | timed_out
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: dict[str, Any] | None = None
+
+    def event_detail(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {}
+        if self.status == "succeeded":
+            detail["result"] = {"text": self.text, "finish_reason": self.finish_reason}
+        detail["usage"] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if self.error:
+            detail["error"] = self.error
+        return detail
+
+
+def sampling_from_request(request: dict[str, Any]) -> SamplingOptions:
+    stop = request.get("stop")
+    return SamplingOptions(
+        max_tokens=request.get("max_tokens"),
+        temperature=request.get("temperature", 1.0),
+        top_p=request.get("top_p", 1.0),
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        seed=request.get("seed"),
+        ignore_eos=bool(request.get("ignore_eos", False)),
+    )
+
+
+def prepare(engine: Engine, message: InferenceMessage) -> PreparedRequest:
+    """Tokenizes in the calling (task) thread, so the engine loop only schedules."""
+    request = message.request
+    return engine.prepare(
+        request_id=f"{message.job_id}-{message.attempt}",
+        messages=request.get("messages"),
+        prompt=request.get("prompt"),
+        sampling=sampling_from_request(request),
+    )
+
+
+async def write_failure(redis: aioredis.Redis, job_id: str, failure: Failure) -> None:
+    key = redis_keys.job_stream(job_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, {stream_format.FIELD: stream_format.encode(failure)})
+        pipe.expire(key, redis_keys.STREAM_TTL_S)
+        await pipe.execute()
+
+
+async def stream_generation(
+    *, redis: aioredis.Redis, engine: Engine, job_id: str, prepared: PreparedRequest, deadline: float
+) -> Outcome:
+    """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
+    key = redis_keys.job_stream(job_id)
+    parts: list[str] = []
+    completion_tokens = 0
+    finish_reason = "stop"
+    prompt_tokens = len(prepared.prompt_token_ids)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.time())):
+            async for output in engine.generate(prepared):
+                completion_tokens += output.tokens
+                if output.text or output.tokens:
+                    parts.append(output.text)
+                    await redis.xadd(key, {stream_format.FIELD: stream_format.encode(Delta(output.text, output.tokens))})
+                if output.finish_reason:
+                    finish_reason = output.finish_reason
+    except TimeoutError:  # leaving the generator aborts the vLLM request and frees its KV cache
+        message = "The request did not finish before its deadline."
+        await write_failure(redis, job_id, Failure(504, "timeout_error", "deadline_exceeded", message))
+        return Outcome(
+            status="timed_out", text="".join(parts), prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, error={"code": "deadline_exceeded", "message": message},
+        )
+    end = End(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, {stream_format.FIELD: stream_format.encode(end)})
+        pipe.expire(key, redis_keys.STREAM_TTL_S)
+        await pipe.execute()
+    return Outcome(
+        status="succeeded", text="".join(parts), finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+    )
+
+
+def input_error_outcome(exc: EngineInputError) -> tuple[Failure, Outcome]:
+    failure = Failure(400, "invalid_request_error", "context_length_exceeded", str(exc))
+    return failure, Outcome(status="failed", error={"code": failure.code, "message": failure.message, "retry": False})

@@ -1,0 +1,1 @@
+"""Configuration only: every value comes from environment variables read in `settings.env`."""

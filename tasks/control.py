@@ -1,0 +1,49 @@
+"""Control-plane tasks (control worker, Django-enabled): job events -> database, registry mirror, catalogue."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from farm import queues
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=queues.JOB_EVENT_TASK.name, acks_late=True, ignore_result=True,
+             autoretry_for=(Exception,), retry_backoff=True, retry_backoff_max=30, retry_jitter=True,
+             max_retries=queues.JOB_EVENT_TASK.max_retries)
+def job_event(*, job_id: str, attempt: int, kind: str, worker_id: str, detail: dict[str, Any]) -> None:
+    """Persists one worker event; duplicates and late events are no-ops (guarded update)."""
+    from farm.jobs import job_apply_event
+
+    job_apply_event(job_id=job_id, attempt=attempt, kind=kind, worker_id=worker_id, detail=detail)
+
+
+@shared_task(name=queues.REAP_TASK.name, ignore_result=True, soft_time_limit=queues.REAP_TASK.soft_time_limit_s,
+             time_limit=queues.REAP_TASK.time_limit_s)
+def reap() -> None:
+    """Periodic: mirror the live registry into Worker rows and republish the spec catalogue."""
+    from farm.catalog import spec_catalog_publish
+    from farm.workers import worker_registry_sync
+
+    worker_registry_sync()
+    spec_catalog_publish()
+
+
+def _publish_catalog_on_start(**_: Any) -> None:
+    """Workers waiting for their spec definitions get them as soon as the control worker is up."""
+    from farm.catalog import spec_catalog_publish
+
+    log.info("published %d spec(s) to the catalogue", spec_catalog_publish())
+
+
+def _connect_signals() -> None:
+    from celery.signals import worker_ready
+
+    worker_ready.connect(_publish_catalog_on_start, weak=False)
+
+
+_connect_signals()

@@ -1,0 +1,85 @@
+"""A live farm for end-to-end tests: the API (uvicorn), the control worker and a vLLM worker on the tiny model,
+as real processes sharing the test database and Redis (vLLM's `RemoteOpenAIServer` pattern)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm import processes
+from farm.registry import live_workers_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class FarmProcesses:
+    env: dict[str, str]
+    log_dir: Path
+    children: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str], **extra_env: str) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**self.env, **extra_env}, start_new_session=True)
+        self.children[name] = process
+        return process
+
+    def stop(self, name: str, *, timeout: float = 30.0) -> None:
+        process = self.children.pop(name)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.children):
+            self.stop(name)
+
+    def check_alive(self) -> None:
+        for name, process in self.children.items():
+            if process.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-chars:]
+
+
+def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if farm is not None:
+            farm.check_alive()
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def spec_served(spec: str) -> bool:
+    return any(spec in worker.specs for worker in live_workers_sync()[0])
+
+
+def start_worker(farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32) -> subprocess.Popen:
+    return farm.start(name, processes.gpu_worker_command(specs=[spec], worker_id=name, concurrency=concurrency))
+
+
+def child_env(*, database_url: str, model_dir: Path) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": database_url, "FARM_MODEL_DIR": str(model_dir), "PYTHONUNBUFFERED": "1",
+            "FARM_HEARTBEAT_S": "1", "FARM_WORKER_TTL_S": "4"}
