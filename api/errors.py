@@ -62,8 +62,8 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
     return decorate
 
 
-_DRF_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-              409: "conflict_error", 429: "rate_limit_error"}
+_DRF_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+              405: "invalid_request_error", 409: "conflict_error", 429: "rate_limit_error"}
 
 
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

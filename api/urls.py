@@ -7,6 +7,7 @@ from api import health
 from api.errors import not_found
 from api.openai.chat.views import chat_completions
 from api.openai.completions.views import completions
+from api.openai.jobs.views import job_cancel_view, job_detail, job_list
 from api.openai.models.views import model_detail, model_list
 
 urlpatterns = [
@@ -14,6 +15,9 @@ urlpatterns = [
     path("v1/completions", completions),
     path("v1/models", model_list),
     path("v1/models/<path:model_id>", model_detail),
+    path("v1/jobs", job_list),
+    path("v1/jobs/<uuid:job_id>", job_detail),
+    path("v1/jobs/<uuid:job_id>/cancel", job_cancel_view),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("admin/", admin.site.urls),

@@ -9,5 +9,5 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings.django")
 from farm.celery_app import create_celery_app
 from settings import env
 
-app = create_celery_app(broker_url=env.REDIS_URL, main="farm-control")
+app = create_celery_app(broker_url=env.REDIS_URL, main="farm-control", reap_every_s=env.FARM_REAP_EVERY_S)
 app.conf.include = ["tasks.control"]

@@ -7,7 +7,7 @@ from celery import Celery
 from farm import queues
 
 
-def create_celery_app(*, broker_url: str, main: str = "farm") -> Celery:
+def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: float = 10.0) -> Celery:
     """One configuration for every farm process: JSON only, late acks, prefetch 1, no result backend."""
     app = Celery(main, broker=broker_url)
     app.conf.update(
@@ -35,7 +35,7 @@ def create_celery_app(*, broker_url: str, main: str = "farm") -> Celery:
         task_send_sent_event=False,
         beat_schedule={
             name: {"task": task, "schedule": cadence, "options": {"expires": cadence * 0.9}}
-            for name, (task, cadence) in queues.BEAT_SCHEDULE_S.items()
+            for name, (task, cadence) in queues.beat_schedule(reap_every_s=reap_every_s).items()
         },
         timezone="UTC",
     )

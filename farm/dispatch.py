@@ -8,8 +8,8 @@ from farm import queues
 
 
 def inference_publish(*, job_id: str, attempt: int, spec: str, kind: str, request: dict[str, Any],
-                      deadline: float) -> None:
-    """Sends the inference task to `infer.<spec>`; the message expires with the job's deadline."""
+                      deadline: float, countdown: float = 0.0) -> None:
+    """Sends the inference task to `infer.<spec>` (after `countdown` seconds, for retry backoff)."""
     from farm.celery import app
 
     app.send_task(
@@ -17,6 +17,7 @@ def inference_publish(*, job_id: str, attempt: int, spec: str, kind: str, reques
         kwargs={"job_id": job_id, "attempt": attempt, "spec": spec, "kind": kind, "request": request,
                 "deadline": deadline},
         queue=queues.infer_queue(spec),
+        countdown=countdown or None,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.05, "interval_step": 0.2, "interval_max": 0.5},
     )

@@ -45,6 +45,8 @@ async def spec_choose(model: ModelEntry) -> str:
     """Routes to a spec that has a live replica, or raises 503 with Retry-After."""
     replicas: dict[str, list[int]] = {}
     for worker in await live_workers():
+        if not worker.accepts_work:
+            continue
         for spec in worker.specs:
             stats = replicas.setdefault(spec, [0, 0, 0])
             stats[0] += 1

@@ -73,6 +73,8 @@ class Worker(models.Model):
 
     class Status(models.TextChoices):
         ONLINE = "online"
+        DRAINING = "draining"
+        QUARANTINED = "quarantined"
         OFFLINE = "offline"
 
     worker_id = models.CharField(max_length=200, unique=True)
@@ -126,6 +128,7 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True, help_text="Last time its message was published.")
 
     class Meta:
         ordering = ["-created_at"]

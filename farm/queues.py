@@ -44,16 +44,19 @@ class TaskPolicy:
 # Explicit dotted names: a rename of a Python function never orphans queued messages.
 INFER_TASK = TaskPolicy("farm.infer.generate", soft_time_limit_s=None, time_limit_s=None, max_retries=0)
 JOB_EVENT_TASK = TaskPolicy("farm.control.job_event", soft_time_limit_s=30, time_limit_s=60, max_retries=10)
-WORKER_HEARTBEAT_TASK = TaskPolicy("farm.control.worker_sync", soft_time_limit_s=30, time_limit_s=60, max_retries=0)
 REAP_TASK = TaskPolicy("farm.control.reap", soft_time_limit_s=50, time_limit_s=60, max_retries=0)
+EXPIRE_TASK = TaskPolicy("farm.control.expire_jobs", soft_time_limit_s=240, time_limit_s=300, max_retries=0)
 
 # Tasks the control worker consumes: they always go to the control queue.
-CONTROL_TASKS = (JOB_EVENT_TASK, WORKER_HEARTBEAT_TASK, REAP_TASK)
+CONTROL_TASKS = (JOB_EVENT_TASK, REAP_TASK, EXPIRE_TASK)
 
-# Beat schedule: name -> (task, cadence seconds). Each entry expires before its next run so none pile up.
-BEAT_SCHEDULE_S = {
-    "reap-silent-workers": (REAP_TASK.name, 10.0),
-}
+
+def beat_schedule(*, reap_every_s: float) -> dict[str, tuple[str, float]]:
+    """name -> (task, cadence seconds). Each entry expires before its next run, so missed runs never pile up."""
+    return {
+        "reap-and-sweep": (REAP_TASK.name, reap_every_s),
+        "expire-finished-jobs": (EXPIRE_TASK.name, 3600.0),
+    }
 
 
 def celery_task_routes() -> dict[str, dict[str, str]]:

@@ -29,3 +29,9 @@ def job_claim(job_id: str, attempt: int) -> str:
 def job_cancel(job_id: str) -> str:
     """Present when the job was cancelled; the worker running it aborts the engine request."""
     return f"{PREFIX}job:{job_id}:cancel"
+
+
+# Pub/sub channel on which cancellations are announced to every worker (payload: job id).
+CANCEL_CHANNEL = PREFIX + "cancel"
+# Seconds a cancel marker is kept, so a worker that picks the job up later still sees it.
+CANCEL_TTL_S = 24 * 3600

@@ -20,7 +20,12 @@ class LiveWorker:
     specs: tuple[str, ...]
     running: int
     capacity: int
+    status: str  # ready | draining | quarantined
     raw: dict[str, Any]
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.status == "ready"
 
 
 def _parse(values: list[bytes | None]) -> list[LiveWorker]:
@@ -32,7 +37,7 @@ def _parse(values: list[bytes | None]) -> list[LiveWorker]:
         load = entry.get("load", {})
         workers.append(LiveWorker(
             worker_id=entry["worker_id"], specs=tuple(entry.get("specs", ())), running=load.get("running", 0),
-            capacity=load.get("capacity", 1), raw=entry,
+            capacity=load.get("capacity", 1), status=entry.get("status", "ready"), raw=entry,
         ))
     return workers
 

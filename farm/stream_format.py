@@ -3,7 +3,8 @@
 Each entry has one field `m` holding compact JSON:
 - `{"t": "d", "x": "<text delta>", "n": <tokens in delta>}`: generated text;
 - `{"t": "e", "f": "<finish_reason>", "u": {"prompt_tokens": .., "completion_tokens": ..}}`: the end;
-- `{"t": "x", "s": <http status>, "y": "<error type>", "c": "<code>", "m": "<message>"}`: a failure.
+- `{"t": "x", "s": <http status>, "y": "<error type>", "c": "<code>", "m": "<message>"}`: a failure;
+- `{"t": "r", "a": <attempt>}`: a retry started over: readers drop what they collected of earlier attempts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ class Failure:
     message: str
 
 
-StreamEvent = Delta | End | Failure
+@dataclass(frozen=True)
+class Restart:
+    attempt: int
+
+
+StreamEvent = Delta | End | Failure | Restart
 
 
 def encode(event: StreamEvent) -> bytes:
@@ -45,6 +51,8 @@ def encode(event: StreamEvent) -> bytes:
         obj: dict[str, Any] = {"t": "d", "x": event.text, "n": event.tokens}
     elif isinstance(event, End):
         obj = {"t": "e", "f": event.finish_reason, "u": [event.prompt_tokens, event.completion_tokens]}
+    elif isinstance(event, Restart):
+        obj = {"t": "r", "a": event.attempt}
     else:
         obj = {"t": "x", "s": event.status, "y": event.type, "c": event.code, "m": event.message}
     return orjson.dumps(obj)
@@ -58,4 +66,6 @@ def decode(raw: bytes | str) -> StreamEvent:
     if kind == "e":
         prompt, completion = obj["u"]
         return End(finish_reason=obj["f"], prompt_tokens=prompt, completion_tokens=completion)
+    if kind == "r":
+        return Restart(attempt=obj["a"])
     return Failure(status=obj["s"], type=obj["y"], code=obj["c"], message=obj["m"])

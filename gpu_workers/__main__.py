@@ -16,6 +16,7 @@ import time
 
 import orjson
 import redis
+from celery.signals import worker_shutting_down
 
 from farm import queues, redis_keys
 from farm.celery_app import create_celery_app
@@ -86,15 +87,25 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_runtime = runtime.WorkerRuntime(
         worker_id=args.worker_id, redis_url=envs.REDIS_URL, host=host,
-        events=JobEventPublisher(app, args.worker_id),
+        events=JobEventPublisher(app, args.worker_id), quarantine_after=envs.FARM_QUARANTINE_AFTER,
     )
     runtime.install(worker_runtime)
     infer_queues = [queues.infer_queue(name) for name in specs]
+    celery_hostname = f"{args.worker_id}@{hardware.hostname}"
+    host.submit(worker_runtime.listen_for_cancellations())
+
+    def stop_consuming() -> None:
+        for queue in infer_queues:
+            app.control.cancel_consumer(queue, destination=[celery_hostname])
+
+    worker_runtime.on_quarantine = stop_consuming
+    worker_shutting_down.connect(lambda **_: worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S), weak=False)
     started_at = time.time()
     heartbeat = Heartbeat(
         client=client, worker_id=args.worker_id, interval_s=envs.FARM_HEARTBEAT_S, ttl_s=envs.FARM_WORKER_TTL_S,
         describe=lambda: {
             "hostname": hardware.hostname, "specs": list(specs), "queues": infer_queues,
+            "status": worker_runtime.status, "running_jobs": worker_runtime.running_jobs(),
             "hardware": probe_hardware(use_nvml=not args.no_nvml).as_dict() if hardware.gpus else hardware.as_dict(),
             "load": {**worker_runtime.stats.snapshot(), "capacity": args.concurrency}, "started_at": started_at,
         },
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = app.Worker(
             pool="threads", concurrency=args.concurrency, queues=infer_queues,
-            hostname=f"{args.worker_id}@{hardware.hostname}", loglevel=args.loglevel.upper(),
+            hostname=celery_hostname, loglevel=args.loglevel.upper(),
             without_gossip=True, without_mingle=True,
         )
         worker.start()

@@ -28,3 +28,7 @@ FARM_HEARTBEAT_S: float = float(_get("FARM_HEARTBEAT_S", "5"))
 FARM_WORKER_TTL_S: float = float(_get("FARM_WORKER_TTL_S", "15"))
 # KV cache size for CPU engines in GiB (passed to vLLM as VLLM_CPU_KVCACHE_SPACE when unset).
 FARM_CPU_KVCACHE_GIB: str = _get("FARM_CPU_KVCACHE_GIB", "2")
+# On SIGTERM: seconds running jobs may take to finish before they are aborted and handed back to the queue.
+FARM_SHUTDOWN_GRACE_S: float = float(_get("FARM_SHUTDOWN_GRACE_S", "20"))
+# Consecutive worker-side failures after which the worker quarantines itself (stops consuming, reports unhealthy).
+FARM_QUARANTINE_AFTER: int = int(_get("FARM_QUARANTINE_AFTER", "5"))

@@ -70,18 +70,19 @@ def read_gpus(nvml: Any) -> tuple[str, list[GpuInfo]]:
                 memory_total_mib=memory.total // 2**20,
                 memory_free_mib=memory.free // 2**20,
                 memory_used_mib=memory.used // 2**20,
-                utilization_pct=_optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, nvml),
-                temperature_c=_optional(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU), nvml),
-                power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, nvml),
+                utilization_pct=_optional(nvml, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, handle),
+                temperature_c=_optional(nvml, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
+                                        handle),
+                power_w=_optional(nvml, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, handle),
             )
         )
     return driver, gpus
 
 
-def _optional(read: Any, nvml: Any) -> Any:
+def _optional(nvml: Any, read: Any, handle: Any) -> Any:
     """Some boards do not report utilisation, temperature or power; that is not an error."""
     try:
-        return read()
+        return read(handle)
     except nvml.NVMLError:
         return None
 

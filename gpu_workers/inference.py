@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from farm import redis_keys, stream_format
-from farm.stream_format import Delta, End, Failure
+from farm.stream_format import Delta, End, Failure, Restart
 from gpu_workers.engine import Engine, EngineInputError, PreparedRequest, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class InferenceMessage:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # succeeded | failed | timed_out
+    status: str  # succeeded | failed | timed_out | canceled | requeue (handed back) | skipped (nothing ran)
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -88,10 +88,12 @@ async def write_failure(redis: aioredis.Redis, job_id: str, failure: Failure) ->
 
 
 async def stream_generation(
-    *, redis: aioredis.Redis, engine: Engine, job_id: str, prepared: PreparedRequest, deadline: float
+    *, redis: aioredis.Redis, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float
 ) -> Outcome:
     """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
     key = redis_keys.job_stream(job_id)
+    if attempt > 1:  # readers drop what an earlier attempt streamed
+        await redis.xadd(key, {stream_format.FIELD: stream_format.encode(Restart(attempt))})
     parts: list[str] = []
     completion_tokens = 0
     finish_reason = "stop"
@@ -102,7 +104,8 @@ async def stream_generation(
                 completion_tokens += output.tokens
                 if output.text or output.tokens:
                     parts.append(output.text)
-                    await redis.xadd(key, {stream_format.FIELD: stream_format.encode(Delta(output.text, output.tokens))})
+                    delta = stream_format.encode(Delta(output.text, output.tokens))
+                    await redis.xadd(key, {stream_format.FIELD: delta})
                 if output.finish_reason:
                     finish_reason = output.finish_reason
     except TimeoutError:  # leaving the generator aborts the vLLM request and frees its KV cache

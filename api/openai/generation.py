@@ -5,6 +5,8 @@ Each family supplies a `Shaper` that turns stream events into its OpenAI chunk a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -20,8 +22,9 @@ from farm.db import run_db
 from farm.errors import FarmError
 from farm.inference import Submission, inference_submit
 from farm.job_streams import job_collect, job_stream_events
+from farm.jobs import job_cancel
 from farm.models import JobStatus
-from farm.stream_format import Delta, End, Failure
+from farm.stream_format import Delta, End, Failure, Restart
 from settings import env
 
 log = logging.getLogger(__name__)
@@ -51,14 +54,46 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 async def _mark_timed_out(sub: Submission) -> None:
     """The API gave up waiting: end the job unless its worker already ended it."""
-    for attempt_status in (JobStatus.TIMED_OUT,):
-        await run_db(jobs.job_apply_event, job_id=sub.job_id, attempt=1, kind=attempt_status, worker_id="",
-                     detail={"error": {"code": "deadline_exceeded", "message": "no result before the deadline"}})
+    await run_db(jobs.job_transition, job_id=sub.job_id, attempt=None, to=JobStatus.TIMED_OUT, worker_id="api",
+                 detail={"error": {"code": "deadline_exceeded", "message": "no result before the deadline"}})
+
+
+_background: set[asyncio.Task] = set()
+
+
+def _cancel_abandoned(sub: Submission) -> None:
+    """The client went away mid-stream: cancel its job so the engine stops generating for nobody."""
+
+    async def cancel() -> None:
+        with contextlib.suppress(FarmError):  # it finished at the same instant: nothing to cancel
+            await run_db(job_cancel, job_id=sub.job_id, owner_id=None, by="client disconnect")
+
+    task = asyncio.get_running_loop().create_task(cancel())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for chunk in _sse_chunks(sub, shaper, include_usage):
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            _cancel_abandoned(sub)
+
+
+async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
     first = True
     async for event in job_stream_events(sub.job_id, deadline=sub.deadline):
+        if isinstance(event, Restart):
+            if first:  # nothing sent yet: the retry is invisible to the client
+                continue
+            yield _sse({"error": {"message": "The worker serving this stream was lost; the job is being retried and "
+                                  "its result will be in GET /v1/jobs/{id}.", "type": "server_error", "param": None,
+                                  "code": "worker_lost"}})
+            break
         if isinstance(event, Delta):
             yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
                         **({"usage": None} if include_usage else {})})
