@@ -7,7 +7,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from redis.exceptions import RedisError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -36,6 +38,10 @@ def farm_error_response(exc: FarmError) -> JsonResponse:
 View = Callable[..., Awaitable[HttpResponse]]
 
 
+def _dependency(exc: Exception) -> str:
+    return "database" if isinstance(exc, DatabaseError) else "broker"
+
+
 def openai_endpoint(*methods: str) -> Callable[[View], View]:
     """Wraps an async view: wrong methods are a 405 body, domain errors their OpenAI error body, anything else a
     logged 500 body. CSRF does not apply (bearer-key auth, no cookies)."""
@@ -51,6 +57,11 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
                 return await view(request, *args, **kwargs)
             except FarmError as exc:
                 return farm_error_response(exc)
+            except (DatabaseError, RedisError) as exc:  # a dependency is down: retryable, not a server bug
+                log.warning("%s unavailable for %s: %s", _dependency(exc), request.path, exc)
+                return error_response(503, message=f"The {_dependency(exc)} is unavailable; retry shortly.",
+                                      type="service_unavailable", code=f"{_dependency(exc)}_unavailable",
+                                      headers={"Retry-After": "5"})
             except Exception:
                 log.exception("unhandled error in %s", request.path)
                 return error_response(500, message="The server had an error while processing your request.",
@@ -71,6 +82,10 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, FarmError):
         return Response(error_body(message=exc.message, type=exc.type, param=exc.param, code=exc.code),
                         status=exc.status, headers=exc.headers)
+    if isinstance(exc, DatabaseError | RedisError):
+        name = _dependency(exc)
+        return Response(error_body(message=f"The {name} is unavailable; retry shortly.", type="service_unavailable",
+                                   code=f"{name}_unavailable"), status=503, headers={"Retry-After": "5"})
     if isinstance(exc, drf_exceptions.APIException):
         status = exc.status_code
         if status == 403 and isinstance(exc, drf_exceptions.NotAuthenticated | drf_exceptions.AuthenticationFailed):

@@ -13,12 +13,13 @@ def api_command(*, host: str, port: int, workers: int = 1) -> list[str]:
             "--timeout-graceful-shutdown", "5"]
 
 
-def control_worker_command(*, beat: bool = True, concurrency: int = 4) -> list[str]:
+def control_worker_command(*, beat_schedule: str | None = None, concurrency: int = 4) -> list[str]:
+    """The Django-enabled control worker; with `beat_schedule` (a file path) it also runs beat (reaper, expiry)."""
     command = [sys.executable, "-m", "celery", "-A", "farm.celery", "worker", "-Q", queues.CONTROL_QUEUE,
                "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
                "--hostname", "control@%h", "--without-gossip", "--without-mingle"]
-    if beat:
-        command += ["--beat", "--schedule", ".farm/celerybeat-schedule"]
+    if beat_schedule:
+        command += ["--beat", "--schedule", beat_schedule]
     return command
 
 

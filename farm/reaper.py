@@ -25,8 +25,6 @@ from settings import env
 
 log = logging.getLogger(__name__)
 
-# A queued job is presumed lost by the broker after this long without being claimed while its queue is empty.
-SWEEP_AFTER_S = 20.0
 
 
 @dataclass
@@ -53,17 +51,22 @@ def _silent(worker_id: str, since: datetime, seen: dict[str, datetime | None], c
     return (last or since) < cutoff
 
 
-def jobs_reap(*, sweep_after_s: float = SWEEP_AFTER_S, lease_s: float | None = None) -> ReapReport:
+def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = None) -> ReapReport:
     report = ReapReport()
     client = sync_redis()
-    worker_registry_sync()
+    live = {worker.worker_id: worker for worker in worker_registry_sync()}
     now = timezone.now()
     cutoff = now - timedelta(seconds=env.FARM_JOB_LEASE_S if lease_s is None else lease_s)
+    sweep_after = env.FARM_SWEEP_AFTER_S if sweep_after_s is None else sweep_after_s
     seen = dict(Worker.objects.values_list("worker_id", "last_seen_at"))
 
     for job in Job.objects.filter(status=JobStatus.RUNNING).only("pk", "attempt", "worker_id", "started_at"):
-        if _silent(job.worker_id, job.started_at or now, seen, cutoff):
+        worker = live.get(job.worker_id)
+        if worker is None and _silent(job.worker_id, job.started_at or now, seen, cutoff):
             _requeue(job, f"worker {job.worker_id or '?'} went silent", report)
+        elif worker is not None and str(job.pk) not in worker.running_jobs and (job.started_at or now) < cutoff:
+            # Alive but not running it: its outcome event was lost (e.g. a broker restart). Run it again.
+            _requeue(job, f"worker {job.worker_id} no longer runs it", report)
 
     for job in Job.objects.filter(status=JobStatus.QUEUED, deadline_at__lt=now).only("pk", "attempt"):
         if jobs.job_transition(job_id=str(job.pk), attempt=job.attempt, to=JobStatus.TIMED_OUT, worker_id="reaper",
@@ -71,7 +74,7 @@ def jobs_reap(*, sweep_after_s: float = SWEEP_AFTER_S, lease_s: float | None = N
             report.timed_out.append(str(job.pk))
 
     stale = Job.objects.select_related("spec").filter(
-        status=JobStatus.QUEUED, dispatched_at__lt=now - timedelta(seconds=sweep_after_s))
+        status=JobStatus.QUEUED, dispatched_at__lt=now - timedelta(seconds=sweep_after))
     for job in stale.only("pk", "attempt", "dispatched_at", "spec__name"):
         claimant = client.get(redis_keys.job_claim(str(job.pk), job.attempt))
         if claimant is not None:

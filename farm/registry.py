@@ -21,6 +21,7 @@ class LiveWorker:
     running: int
     capacity: int
     status: str  # ready | draining | quarantined
+    running_jobs: frozenset[str]
     raw: dict[str, Any]
 
     @property
@@ -37,7 +38,8 @@ def _parse(values: list[bytes | None]) -> list[LiveWorker]:
         load = entry.get("load", {})
         workers.append(LiveWorker(
             worker_id=entry["worker_id"], specs=tuple(entry.get("specs", ())), running=load.get("running", 0),
-            capacity=load.get("capacity", 1), status=entry.get("status", "ready"), raw=entry,
+            capacity=load.get("capacity", 1), status=entry.get("status", "ready"),
+            running_jobs=frozenset(entry.get("running_jobs", ())), raw=entry,
         ))
     return workers
 

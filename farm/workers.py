@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from farm.models import Worker
-from farm.registry import live_workers_sync
+from farm.registry import LiveWorker, live_workers_sync
 
 
-def worker_registry_sync() -> tuple[int, int]:
-    """Upserts live workers as online and marks silent ones offline. Returns (online, offline) counts."""
+def worker_registry_sync() -> list[LiveWorker]:
+    """Upserts live workers (their status and last-seen time) and marks silent ones offline. Returns the live."""
     live, gone = live_workers_sync()
     for worker in live:
         entry = worker.raw
@@ -24,11 +24,11 @@ def worker_registry_sync() -> tuple[int, int]:
             },
         )
     live_ids = [w.worker_id for w in live]
-    offline = Worker.objects.exclude(status=Worker.Status.OFFLINE).exclude(worker_id__in=live_ids).update(
+    Worker.objects.exclude(status=Worker.Status.OFFLINE).exclude(worker_id__in=live_ids).update(
         status=Worker.Status.OFFLINE)
     if gone:
         from farm import redis_keys
         from farm.redis_client import sync_redis
 
         sync_redis().srem(redis_keys.WORKERS_SET, *gone)
-    return len(live), offline
+    return live

@@ -104,6 +104,8 @@ FARM_WORKER_TTL_S: float = env_float("FARM_WORKER_TTL_S", 15.0)
 
 # A running job whose worker has not been seen for this long is requeued (or failed) by the reaper.
 FARM_JOB_LEASE_S: float = env_float("FARM_JOB_LEASE_S", 60.0)
+# A queued job unclaimed this long while its queue is empty is presumed lost by the broker and published again.
+FARM_SWEEP_AFTER_S: float = env_float("FARM_SWEEP_AFTER_S", 20.0)
 # Seconds between reaper runs (beat).
 FARM_REAP_EVERY_S: float = env_float("FARM_REAP_EVERY_S", 10.0)
 # Finished jobs older than this many days are deleted by a beat task (0 keeps them forever).

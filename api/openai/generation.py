@@ -118,7 +118,7 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
     sub = await inference_submit(
         principal=principal, kind=shaper.kind, model_name=params.model,
         request=params.job_request(),  # type: ignore[attr-defined]
-        timeout_s=env.FARM_INFERENCE_TIMEOUT_S,
+        timeout_s=min(params.timeout or env.FARM_INFERENCE_TIMEOUT_S, env.FARM_INFERENCE_TIMEOUT_S),
     )
     if params.stream:
         response = StreamingHttpResponse(_event_stream(sub, shaper, params.include_usage),

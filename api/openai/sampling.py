@@ -33,6 +33,8 @@ class SamplingRequest(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     # vLLM extension, used by benchmarks for fixed output lengths.
     ignore_eos: bool = False
+    # farm extension: this request's deadline in seconds (capped by FARM_INFERENCE_TIMEOUT_S); 504 after it.
+    timeout: Annotated[float, Field(gt=0.0, le=86_400.0)] | None = None
 
     @field_validator("n")
     @classmethod

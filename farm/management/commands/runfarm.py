@@ -68,7 +68,8 @@ class Command(BaseCommand):
             spec_catalog_publish()
             key = self.bootstrap_key()
             self.step("starting the control worker, the API, Flower and the worker")
-            self.spawn("control", processes.control_worker_command(), logs, child_env)
+            self.spawn("control", processes.control_worker_command(
+                beat_schedule=str(env.FARM_HOME / "celerybeat-schedule")), logs, child_env)
             self.spawn("api", processes.api_command(host=env.FARM_HOST, port=env.FARM_PORT,
                                                     workers=options["api_workers"]), logs, child_env)
             if not options["no_flower"]:
