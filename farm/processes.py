@@ -31,8 +31,9 @@ def gpu_worker_command(*, specs: list[str], worker_id: str, concurrency: int = 1
 
 
 def flower_command(*, broker_url: str, port: int, basic_auth: str | None) -> list[str]:
-    command = [sys.executable, "-m", "celery", "--broker", broker_url, "flower", "--port", str(port),
-               "--address", "127.0.0.1"]
+    # Flower parses its own options tornado-style: `--name=value` only.
+    command = [sys.executable, "-m", "celery", "--broker", broker_url, "flower", f"--port={port}",
+               "--address=127.0.0.1"]
     if basic_auth:
         command.append(f"--basic-auth={basic_auth}")
     return command

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from gpu_workers.engine import Engine, EngineConfig, create_engine
+from gpu_workers.stream_writer import StreamWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +29,7 @@ class EngineHost:
         self._thread.start()
         self.engines: dict[str, Engine] = {}
         self.redis: aioredis.Redis = self.run(self._connect(redis_url))
+        self.writer = StreamWriter(self.redis)
 
     @staticmethod
     async def _connect(redis_url: str) -> aioredis.Redis:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from farm import redis_keys, stream_format
 from farm.stream_format import Delta, End, Failure, Restart
 from gpu_workers.engine import Engine, EngineInputError, PreparedRequest, SamplingOptions
+from gpu_workers.stream_writer import StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,11 @@ async def write_failure(redis: aioredis.Redis, job_id: str, failure: Failure) ->
 
 
 async def stream_generation(
-    *, redis: aioredis.Redis, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float
+    *, writer: StreamWriter, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float
 ) -> Outcome:
     """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
-    key = redis_keys.job_stream(job_id)
     if attempt > 1:  # readers drop what an earlier attempt streamed
-        await redis.xadd(key, {stream_format.FIELD: stream_format.encode(Restart(attempt))})
+        writer.append(job_id, Restart(attempt))
     parts: list[str] = []
     completion_tokens = 0
     finish_reason = "stop"
@@ -104,22 +104,20 @@ async def stream_generation(
                 completion_tokens += output.tokens
                 if output.text or output.tokens:
                     parts.append(output.text)
-                    delta = stream_format.encode(Delta(output.text, output.tokens))
-                    await redis.xadd(key, {stream_format.FIELD: delta})
+                    writer.append(job_id, Delta(output.text, output.tokens))
                 if output.finish_reason:
                     finish_reason = output.finish_reason
     except TimeoutError:  # leaving the generator aborts the vLLM request and frees its KV cache
         message = "The request did not finish before its deadline."
-        await write_failure(redis, job_id, Failure(504, "timeout_error", "deadline_exceeded", message))
+        writer.append(job_id, Failure(504, "timeout_error", "deadline_exceeded", message), final=True)
+        await writer.flushed()
         return Outcome(
             status="timed_out", text="".join(parts), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, error={"code": "deadline_exceeded", "message": message},
         )
     end = End(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, {stream_format.FIELD: stream_format.encode(end)})
-        pipe.expire(key, redis_keys.STREAM_TTL_S)
-        await pipe.execute()
+    writer.append(job_id, end, final=True)
+    await writer.flushed()
     return Outcome(
         status="succeeded", text="".join(parts), finish_reason=finish_reason,
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

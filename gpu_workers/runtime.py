@@ -147,7 +147,7 @@ class WorkerRuntime:
             self.host.run(write_failure(self.host.redis, message.job_id, failure))
             return outcome
         future = self.host.submit(stream_generation(
-            redis=self.host.redis, engine=engine, job_id=message.job_id, attempt=message.attempt, prepared=prepared,
+            writer=self.host.writer, engine=engine, job_id=message.job_id, attempt=message.attempt, prepared=prepared,
             deadline=message.deadline,
         ))
         with self._lock:

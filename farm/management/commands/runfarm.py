@@ -33,6 +33,18 @@ DEMO_SPEC = "smollm2-135m-instruct-cpu"
 DEMO_MODEL = "smollm2-135m-instruct"
 
 
+def _last_line(log_file: Path) -> str:
+    """The worker's latest progress line (vLLM logs its load steps), for the waiting message."""
+    try:
+        with log_file.open("rb") as handle:
+            handle.seek(max(0, log_file.stat().st_size - 4096))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "starting"
+    useful = [line for line in lines if "WARNING" not in line and "Warning" not in line]
+    return (useful or lines or ["starting"])[-1][-150:]
+
+
 class Command(BaseCommand):
     help = __doc__
 
@@ -133,7 +145,8 @@ class Command(BaseCommand):
                 return
             if time.monotonic() - last_note > 15:
                 last_note = time.monotonic()
-                self.stdout.write(f"    … still starting (worker log: {logs / 'worker.log'})")
+                waiting = "the API" if not api_ok else "the worker"
+                self.stdout.write(f"    … waiting for {waiting}: {_last_line(logs / 'worker.log')}")
             time.sleep(0.5)
         raise CommandError(f"the farm did not become ready in {timeout_s:.0f}s; see logs in {logs}")
 

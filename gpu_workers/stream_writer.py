@@ -1,0 +1,68 @@
+"""Batches token-stream writes to Redis: one pipelined round trip per engine step for all running requests.
+
+Each request's deltas arrive once per engine step; writing them one XADD at a time costs a round trip and an
+event-loop hop each, on the same thread (and GIL) as vLLM's output handler. Here they are queued and a single
+flusher sends everything pending in one pipeline, preserving each stream's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+
+from farm import redis_keys, stream_format
+from farm.stream_format import StreamEvent
+
+log = logging.getLogger(__name__)
+
+
+class StreamWriter:
+    """Lives on the engine loop; `append` never blocks, `flushed` waits until what was appended is in Redis."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pending: list[tuple[str, bytes, bool]] = []  # (stream key, payload, expire after write)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def append(self, job_id: str, event: StreamEvent, *, final: bool = False) -> None:
+        self._pending.append((redis_keys.job_stream(job_id), stream_format.encode(event), final))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def flushed(self) -> None:
+        """Returns once everything appended so far is written (raises if the write failed)."""
+        if not self._pending and not self._waiters:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await waiter
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            waiters, self._waiters = self._waiters, []
+            try:
+                if batch:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for key, payload, final in batch:
+                            pipe.xadd(key, {stream_format.FIELD: payload})
+                            if final:
+                                pipe.expire(key, redis_keys.STREAM_TTL_S)
+                        await pipe.execute()
+            except Exception as exc:  # Redis down: fail the waiters (their jobs retry); keep serving others
+                log.warning("token stream write of %d entries failed: %s", len(batch), exc)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
