@@ -6,13 +6,14 @@ Each family supplies a `Shaper` that turns stream events into its OpenAI chunk a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from redis.exceptions import RedisError
 
 from api.auth import authenticate
 from api.body import json_body, validate
@@ -65,8 +66,12 @@ def _cancel_abandoned(sub: Submission) -> None:
     """The client went away mid-stream: cancel its job so the engine stops generating for nobody."""
 
     async def cancel() -> None:
-        with contextlib.suppress(FarmError):  # it finished at the same instant: nothing to cancel
+        try:
             await run_db(job_cancel, job_id=sub.job_id, owner_id=None, by="client disconnect")
+        except FarmError:  # it finished at the same instant: nothing to cancel
+            pass
+        except Exception:  # the reaper and the deadline still end the job
+            log.warning("could not cancel abandoned job %s", sub.job_id, exc_info=True)
 
     task = asyncio.get_running_loop().create_task(cancel())
     _background.add(task)
@@ -74,14 +79,18 @@ def _cancel_abandoned(sub: Submission) -> None:
 
 
 async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
-    finished = False
     try:
         async for chunk in _sse_chunks(sub, shaper, include_usage):
             yield chunk
-        finished = True
-    finally:
-        if not finished:
-            _cancel_abandoned(sub)
+    except (GeneratorExit, asyncio.CancelledError):  # the client disconnected
+        _cancel_abandoned(sub)
+        raise
+    except (RedisError, DatabaseError) as exc:  # the job goes on; this stream cannot
+        log.warning("stream of job %s broken: %s", sub.job_id, exc)
+        yield _sse({"error": {"message": "The token stream was interrupted; the job's result will be in "
+                              f"GET /v1/jobs/{sub.job_id}.", "type": "service_unavailable", "param": None,
+                              "code": "stream_interrupted"}})
+        yield b"data: [DONE]\n\n"
 
 
 async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
