@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from farm.errors import FarmError
+from farm.metrics import LATENCY, REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +55,34 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
                 return error_response(405, message=f"Method {request.method} not allowed; use {', '.join(methods)}.",
                                       type="invalid_request_error", code="method_not_allowed",
                                       headers={"Allow": ", ".join(methods)})
-            try:
-                return await view(request, *args, **kwargs)
-            except FarmError as exc:
-                return farm_error_response(exc)
-            except (DatabaseError, RedisError) as exc:  # a dependency is down: retryable, not a server bug
-                log.warning("%s unavailable for %s: %s", _dependency(exc), request.path, exc)
-                return error_response(503, message=f"The {_dependency(exc)} is unavailable; retry shortly.",
-                                      type="service_unavailable", code=f"{_dependency(exc)}_unavailable",
-                                      headers={"Retry-After": "5"})
-            except Exception:
-                log.exception("unhandled error in %s", request.path)
-                return error_response(500, message="The server had an error while processing your request.",
-                                      type="server_error", code="internal_error")
+            started = time.perf_counter()
+            response = await _respond(view, request, *args, **kwargs)
+            route = view.__name__
+            LATENCY.labels(route=route).observe(time.perf_counter() - started)
+            REQUESTS.labels(route=route, model=getattr(request, "farm_model", ""), status=response.status_code).inc()
+            return response
 
         wrapper.csrf_exempt = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+async def _respond(view: View, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """The view's response, or the OpenAI error body for whatever it raised."""
+    try:
+        return await view(request, *args, **kwargs)
+    except FarmError as exc:
+        return farm_error_response(exc)
+    except (DatabaseError, RedisError) as exc:  # a dependency is down: retryable, not a server bug
+        name = _dependency(exc)
+        log.warning("%s unavailable for %s: %s", name, request.path, exc)
+        return error_response(503, message=f"The {name} is unavailable; retry shortly.", type="service_unavailable",
+                              code=f"{name}_unavailable", headers={"Retry-After": "5"})
+    except Exception:
+        log.exception("unhandled error in %s", request.path)
+        return error_response(500, message="The server had an error while processing your request.",
+                              type="server_error", code="internal_error")
 
 
 _DRF_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",

@@ -5,6 +5,7 @@ from django.urls import path, re_path
 
 from api import health
 from api.errors import not_found
+from api.metrics import metrics
 from api.openai.chat.views import chat_completions
 from api.openai.completions.views import completions
 from api.openai.jobs.views import job_cancel_view, job_detail, job_list
@@ -20,6 +21,7 @@ urlpatterns = [
     path("v1/jobs/<uuid:job_id>/cancel", job_cancel_view),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
+    path("metrics", metrics),
     path("admin/", admin.site.urls),
     re_path(r"^v1/", not_found),  # unknown /v1 routes answer in the OpenAI error shape, DEBUG or not
 ]

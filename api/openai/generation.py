@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ from farm.errors import FarmError
 from farm.inference import Submission, inference_submit
 from farm.job_streams import job_collect, job_stream_events
 from farm.jobs import job_cancel
+from farm.metrics import TOKENS, TTFT
 from farm.models import JobStatus
 from farm.stream_format import Delta, End, Failure, Restart
 from settings import env
@@ -95,6 +97,7 @@ async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) ->
 
 async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
     first = True
+    started = time.perf_counter()
     async for event in job_stream_events(sub.job_id, deadline=sub.deadline):
         if isinstance(event, Restart):
             if first:  # nothing sent yet: the retry is invisible to the client
@@ -104,10 +107,13 @@ async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> A
                                   "code": "worker_lost"}})
             break
         if isinstance(event, Delta):
+            if first:
+                TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
             yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
                         **({"usage": None} if include_usage else {})})
             first = False
         elif isinstance(event, End):
+            TOKENS.labels(model=sub.model).inc(event.completion_tokens)
             yield _sse({**shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
                         **({"usage": None} if include_usage else {})})
             if include_usage:
@@ -124,6 +130,7 @@ async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> A
 async def generation_view(request: HttpRequest, schema: type[SamplingRequest], shaper: Shaper) -> HttpResponse:
     principal = await authenticate(request)
     params = validate(schema, json_body(request))
+    request.farm_model = params.model  # type: ignore[attr-defined]  (metrics label)
     sub = await inference_submit(
         principal=principal, kind=shaper.kind, model_name=params.model,
         request=params.job_request(),  # type: ignore[attr-defined]
@@ -140,4 +147,5 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
         if final.code == "deadline_exceeded":
             await _mark_timed_out(sub)
         raise failure_error(final)
+    TOKENS.labels(model=sub.model).inc(final.completion_tokens)
     return JsonResponse({**shaper.body(sub, text=text, finish_reason=final.finish_reason), "usage": usage(final)})
