@@ -27,12 +27,25 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
+def _param(loc: tuple, all_locs: list[tuple]) -> str | None:
+    """The parameter an error is about: the common path of the errors on that field, without pydantic's union
+    member labels (`stop.str`, `stop.list[str]` -> `stop`)."""
+    same_field = [other for other in all_locs if other[:1] == loc[:1]]
+    common: list[str] = []
+    for parts in zip(*same_field, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(str(parts[0]))
+    return ".".join(common) or None
+
+
 def validate(schema: type[M], body: dict[str, Any]) -> M:
     try:
         return schema.model_validate(body)
     except pydantic.ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
+        errors = exc.errors(include_url=False)
+        error = errors[0]
+        param = _param(error["loc"], [e["loc"] for e in errors])
         if error["type"] == "extra_forbidden":
             raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
                                  code="unknown_parameter") from None

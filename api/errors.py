@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -116,6 +117,7 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     return None
 
 
+@csrf_exempt
 def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     return error_response(404, message=f"Unknown request URL: {request.method} {request.path}.",
                           type="invalid_request_error", code="unknown_url")

@@ -15,9 +15,27 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="farm-db")
+POOL_SIZE = 8
+_executor = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="farm-db")
 
 
 async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+
+
+def close_pool_connections() -> None:
+    """Closes the database connection of every pool thread (before a test database is dropped, or after a
+    credentials change). One task per thread, held at a barrier until all started, so each thread runs one."""
+    import threading
+
+    from django.db import connections
+
+    barrier = threading.Barrier(POOL_SIZE)
+
+    def close() -> None:
+        barrier.wait(timeout=30)
+        connections.close_all()
+
+    for future in [_executor.submit(close) for _ in range(POOL_SIZE)]:
+        future.result()

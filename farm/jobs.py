@@ -93,10 +93,20 @@ def job_transition(*, job_id: str, attempt: int | None, to: str, worker_id: str 
     return bool(moved)
 
 
-def job_requeue(*, job_id: str, attempt: int, reason: str, worker_id: str = "") -> int | None:
-    """Puts an active attempt back in the queue as attempt + 1, or fails the job when attempts are exhausted.
+@dataclass(frozen=True)
+class Requeued:
+    """What `job_requeue` did: `attempt` is the new attempt to publish, or None if the job failed instead."""
 
-    Returns the new attempt to publish, or None when nothing moved (late event) or the job failed."""
+    attempt: int | None
+
+    @property
+    def failed(self) -> bool:
+        return self.attempt is None
+
+
+def job_requeue(*, job_id: str, attempt: int, reason: str, worker_id: str = "") -> Requeued | None:
+    """Puts an active attempt back in the queue as attempt + 1, or fails the job when attempts are exhausted.
+    None when nothing moved (a late or duplicate event)."""
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id, attempt=attempt, status__in=ACTIVE).first()
         if job is None:
@@ -107,11 +117,11 @@ def job_requeue(*, job_id: str, attempt: int, reason: str, worker_id: str = "") 
             Job.objects.filter(pk=job_id).update(status=JobStatus.FAILED, finished_at=timezone.now(), error=error)
             _record(job_id, JobStatus.FAILED, attempt, worker_id, {"error": error})
             transaction.on_commit(lambda: _announce_failure(job_id, error))
-            return None
+            return Requeued(attempt=None)
         Job.objects.filter(pk=job_id).update(status=JobStatus.QUEUED, attempt=F("attempt") + 1, worker_id="",
                                              started_at=None, dispatched_at=timezone.now())
         _record(job_id, "requeued", attempt, worker_id, {"reason": reason, "next_attempt": attempt + 1})
-        return attempt + 1
+        return Requeued(attempt=attempt + 1)
 
 
 def _announce_failure(job_id: str, error: dict[str, str]) -> None:
@@ -122,15 +132,15 @@ def _announce_failure(job_id: str, error: dict[str, str]) -> None:
 
 
 def job_apply_event(*, job_id: str, attempt: int, kind: str, worker_id: str, detail: dict[str, Any]) -> bool:
-    """Applies a worker's event. A retryable failure or a hand-back requeues (with backoff); anything late or
-    duplicated is a logged no-op. Returns whether the job moved."""
+    """Applies a worker's event. A retryable failure or a hand-back requeues (with backoff), or fails the job when
+    its attempts are exhausted; anything late or duplicated is a logged no-op. Returns whether the job moved."""
     if kind == "requeue" or (kind == JobStatus.FAILED and (detail.get("error") or {}).get("retry")):
         reason = (detail.get("error") or {}).get("message") or detail.get("reason") or kind
-        new_attempt = job_requeue(job_id=job_id, attempt=attempt, reason=reason, worker_id=worker_id)
-        if new_attempt is not None:
-            delay = 0.0 if kind == "requeue" else RETRY_POLICY.delay_s(new_attempt)
+        requeued = job_requeue(job_id=job_id, attempt=attempt, reason=reason, worker_id=worker_id)
+        if requeued is not None and requeued.attempt is not None:
+            delay = 0.0 if kind == "requeue" else RETRY_POLICY.delay_s(requeued.attempt)
             transaction.on_commit(lambda: job_dispatch(job_id=job_id, countdown=delay))
-        return new_attempt is not None
+        return requeued is not None
     if kind not in _ALLOWED_FROM:
         log.warning("job %s: unknown event %r ignored", job_id, kind)
         return False

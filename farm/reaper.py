@@ -36,10 +36,11 @@ class ReapReport:
 
 
 def _requeue(job: Job, reason: str, report: ReapReport) -> None:
-    new_attempt = jobs.job_requeue(job_id=str(job.pk), attempt=job.attempt, reason=reason, worker_id="reaper")
-    if new_attempt is None:
-        if Job.objects.filter(pk=job.pk, status=JobStatus.FAILED).exists():
-            report.failed.append(str(job.pk))
+    requeued = jobs.job_requeue(job_id=str(job.pk), attempt=job.attempt, reason=reason, worker_id="reaper")
+    if requeued is None:
+        return
+    if requeued.failed:
+        report.failed.append(str(job.pk))
         return
     jobs.job_dispatch(job_id=str(job.pk))
     report.requeued.append(str(job.pk))

@@ -2,7 +2,7 @@
 
 Each entry has one field `m` holding compact JSON:
 - `{"t": "d", "x": "<text delta>", "n": <tokens in delta>}`: generated text;
-- `{"t": "e", "f": "<finish_reason>", "u": {"prompt_tokens": .., "completion_tokens": ..}}`: the end;
+- `{"t": "e", "f": "<finish_reason>", "u": [<prompt tokens>, <completion tokens>]}`: the end;
 - `{"t": "x", "s": <http status>, "y": "<error type>", "c": "<code>", "m": "<message>"}`: a failure;
 - `{"t": "r", "a": <attempt>}`: a retry started over: readers drop what they collected of earlier attempts.
 """

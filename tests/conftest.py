@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
+from farm.db import close_pool_connections
 from tests.live_farm import FarmProcesses, child_env, http_ok, spec_served, start_worker, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,7 @@ def django_db_setup(django_test_environment, django_db_blocker) -> Iterator[None
         config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
     yield
     with django_db_blocker.unblock():
+        close_pool_connections()  # PostgreSQL cannot drop a database with open connections
         teardown_databases(config, verbosity=0)
 
 
@@ -94,6 +96,23 @@ def farm_catalog(django_db_setup, django_db_blocker, tiny_model_dir: Path) -> di
     return {"api_key": key, "other_api_key": other}
 
 
+@pytest.fixture
+def committed_user(django_db_setup, django_db_blocker) -> Iterator[object]:
+    """A user committed to the test database, for code that reads it from other threads (`run_db`) or processes.
+
+    The database stays unblocked during the test; the user and everything it owns are deleted afterwards.
+    """
+    from django.contrib.auth import get_user_model
+
+    with django_db_blocker.unblock():
+        user = get_user_model().objects.create(username=f"committed-{_random_suffix()}")
+        try:
+            yield user
+        finally:
+            close_pool_connections()
+            user.delete()
+
+
 @pytest.fixture(scope="session")
 def live_farm(farm_catalog: dict[str, str], tiny_model_dir: Path, tmp_path_factory) -> Iterator[LiveFarm]:
     """API + control worker + one vLLM worker on the tiny model, for the whole session."""
@@ -105,7 +124,7 @@ def live_farm(farm_catalog: dict[str, str], tiny_model_dir: Path, tmp_path_facto
     farm = FarmProcesses(env=child_env(database_url=database_url, model_dir=tiny_model_dir.parent), log_dir=log_dir)
     port = free_port()
     try:
-        farm.start("control", processes.control_worker_command(beat=False))
+        farm.start("control", processes.control_worker_command())
         farm.start("api", processes.api_command(host="127.0.0.1", port=port))
         start_worker(farm, name="worker-1", spec=TINY_SPEC)
         base_url = f"http://127.0.0.1:{port}"
@@ -115,7 +134,7 @@ def live_farm(farm_catalog: dict[str, str], tiny_model_dir: Path, tmp_path_facto
                        processes=farm, database_url=database_url)
     finally:
         farm.stop_all()
-        print(f"\nlive farm logs: {log_dir}")  # noqa: T201  (kept for post-mortems)
+        print(f"\nlive farm logs: {log_dir}")
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,18 @@ as real processes sharing the test database and Redis (vLLM's `RemoteOpenAIServe
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from farm import processes
+import orjson
+import psutil
+import redis
+
+from farm import processes, redis_keys
 from farm.registry import live_workers_sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +36,7 @@ class FarmProcesses:
 
     def stop(self, name: str, *, timeout: float = 30.0) -> None:
         process = self.children.pop(name)
+        descendants = _descendants(process)
         if process.poll() is None:
             process.terminate()
             try:
@@ -38,6 +44,39 @@ class FarmProcesses:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        _kill_leftovers(descendants)  # e.g. a vLLM EngineCore whose parent was killed before it could stop it
+
+    def kill(self, name: str) -> float:
+        """SIGKILLs a child's whole process group (a worker and its vLLM EngineCore), like a machine dying.
+        Returns the `time.time()` of the kill."""
+        process = self.children.pop(name)
+        killed_at = time.time()
+        os.killpg(process.pid, signal.SIGKILL)  # before `wait`: the unreaped leader keeps the group id ours
+        process.wait()
+        return killed_at
+
+    def signal_and_wait(self, name: str, sig: int, *, timeout: float) -> int:
+        """Sends `sig` to the child alone (as Kubernetes does to a container's main process) and waits for it to
+        exit by itself; returns its exit status. Past `timeout` the group is killed and TimeoutError raised."""
+        process = self.children.pop(name)
+        descendants = _descendants(process)
+        process.send_signal(sig)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise TimeoutError(f"{name} did not exit within {timeout}s of signal {sig}") from None
+        finally:
+            _kill_leftovers(descendants)
+        return returncode
+
+    def descendants(self, name: str) -> list[psutil.Process]:
+        """A child's live descendants (a worker's vLLM EngineCore, for instance)."""
+        return _descendants(self.children[name])
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
     def stop_all(self) -> None:
         for name in list(self.children):
@@ -51,6 +90,23 @@ class FarmProcesses:
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")[-chars:]
+
+
+def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_leftovers(processes_: list[psutil.Process]) -> None:
+    """Kills what is still running of a snapshot (psutil checks the start time, so a reused pid is never hit)."""
+    for process in processes_:
+        try:
+            if process.is_running():
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition") -> None:
@@ -74,6 +130,13 @@ def http_ok(url: str) -> bool:
 
 def spec_served(spec: str) -> bool:
     return any(spec in worker.specs for worker in live_workers_sync()[0])
+
+
+def registry_entries(client: redis.Redis) -> dict[str, dict]:
+    """The live worker registry (`farm:worker:<id>` JSON values) on a given Redis, by worker id."""
+    ids = sorted(i.decode() for i in client.smembers(redis_keys.WORKERS_SET))
+    values = client.mget([redis_keys.worker(i) for i in ids]) if ids else []
+    return {worker_id: orjson.loads(value) for worker_id, value in zip(ids, values, strict=True) if value is not None}
 
 
 def start_worker(farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32) -> subprocess.Popen:

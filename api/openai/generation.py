@@ -27,7 +27,7 @@ from farm.job_streams import job_collect, job_stream_events
 from farm.jobs import job_cancel
 from farm.metrics import TOKENS, TTFT
 from farm.models import JobStatus
-from farm.stream_format import Delta, End, Failure, Restart
+from farm.stream_format import Delta, End, Failure, Restart, StreamEvent
 from settings import env
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def _cancel_abandoned(sub: Submission) -> None:
     task.add_done_callback(_background.discard)
 
 
-async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
+async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool,
+                        events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
     try:
-        async for chunk in _sse_chunks(sub, shaper, include_usage):
+        async for chunk in _sse_chunks(sub, shaper, include_usage, events):
             yield chunk
     except (GeneratorExit, asyncio.CancelledError):  # the client disconnected
         _cancel_abandoned(sub)
@@ -95,10 +96,10 @@ async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool) ->
         yield b"data: [DONE]\n\n"
 
 
-async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool,
+                      events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
     first = True
-    started = time.perf_counter()
-    async for event in job_stream_events(sub.job_id, deadline=sub.deadline):
+    async for event in events:
         if isinstance(event, Restart):
             if first:  # nothing sent yet: the retry is invisible to the client
                 continue
@@ -107,8 +108,6 @@ async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> A
                                   "code": "worker_lost"}})
             break
         if isinstance(event, Delta):
-            if first:
-                TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
             yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
                         **({"usage": None} if include_usage else {})})
             first = False
@@ -127,7 +126,21 @@ async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool) -> A
     yield b"data: [DONE]\n\n"
 
 
+async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
+    async for event in events:
+        if not isinstance(event, Restart):
+            return event
+    raise AssertionError("job stream ended without a final event")  # job_stream_events always ends with one
+
+
+async def _prepend(head: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    yield head
+    async for event in rest:
+        yield event
+
+
 async def generation_view(request: HttpRequest, schema: type[SamplingRequest], shaper: Shaper) -> HttpResponse:
+    started = time.perf_counter()
     principal = await authenticate(request)
     params = validate(schema, json_body(request))
     request.farm_model = params.model  # type: ignore[attr-defined]  (metrics label)
@@ -137,7 +150,16 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
         timeout_s=min(params.timeout or env.FARM_INFERENCE_TIMEOUT_S, env.FARM_INFERENCE_TIMEOUT_S),
     )
     if params.stream:
-        response = StreamingHttpResponse(_event_stream(sub, shaper, params.include_usage),
+        # Wait for the first event before answering, so an error that comes before any token (context too long,
+        # no capacity, deadline) gets its own HTTP status instead of a 200 with an error event.
+        events = job_stream_events(sub.job_id, deadline=sub.deadline)
+        head = await _first_event(events)
+        if isinstance(head, Failure):
+            if head.code == "deadline_exceeded":
+                await _mark_timed_out(sub)
+            raise failure_error(head)
+        TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
+        response = StreamingHttpResponse(_event_stream(sub, shaper, params.include_usage, _prepend(head, events)),
                                          content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"

@@ -31,7 +31,7 @@ SQLITE_DOWN = "DROP TRIGGER IF EXISTS farm_job_terminal_is_final;"
 def forward(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(POSTGRES_UP)
+        schema_editor.execute(POSTGRES_UP, params=None)  # None: the `%` in RAISE is not a placeholder
     elif vendor == "sqlite":
         schema_editor.execute(SQLITE_UP)
 
@@ -39,7 +39,7 @@ def forward(apps, schema_editor):
 def backward(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(POSTGRES_DOWN)
+        schema_editor.execute(POSTGRES_DOWN, params=None)
     elif vendor == "sqlite":
         schema_editor.execute(SQLITE_DOWN)
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.openai.sampling import SamplingRequest
+from api.openai.sampling import MAX_TOKENS_CAP, SamplingRequest
 
 
 class TextPart(BaseModel):
@@ -29,7 +29,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
     logprobs: bool | None = None
 
     @field_validator("logprobs")
