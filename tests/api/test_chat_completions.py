@@ -38,8 +38,9 @@ def test_ignore_eos_generates_exactly_max_tokens_and_finishes_with_length(openai
 
 def test_same_seed_gives_same_text_and_greedy_is_deterministic(openai_client):
     def ask(**kwargs):
-        return openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=10,
-                                                     extra_body={"ignore_eos": True}, **kwargs).choices[0].message.content
+        response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=10,
+                                                         extra_body={"ignore_eos": True}, **kwargs)
+        return response.choices[0].message.content
 
     assert ask(temperature=1.0, seed=1234) == ask(temperature=1.0, seed=1234)
     assert ask(temperature=0) == ask(temperature=0)
