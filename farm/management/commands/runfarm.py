@@ -7,6 +7,7 @@ supervises them until Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -183,8 +184,12 @@ class Command(BaseCommand):
 
     @staticmethod
     def _wait(process: subprocess.Popen) -> None:
+        """Waits for a child, then kills what is left of its process group (a vLLM engine core and its worker
+        outlive a parent killed mid-load)."""
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
