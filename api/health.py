@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
+from pydantic import BaseModel
 
+from api.errors import allow_methods
+from api.schema import Response, operation
 from farm.db import run_db
 from farm.redis_client import async_redis
 
 
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]  # dependency -> "ok" or "error: <exception class>"
+
+
+@operation(method="GET", operation_id="healthz", summary="Liveness: the process answers", tags=("Operations",),
+           auth=False, responses={200: Response("Alive.", {"application/json": Liveness})})
+@allow_methods("GET")
 async def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
@@ -18,6 +35,11 @@ def _database_ok() -> None:
         cursor.execute("SELECT 1")
 
 
+@operation(method="GET", operation_id="readyz", summary="Readiness: database and broker reachable",
+           tags=("Operations",), auth=False,
+           responses={200: Response("Ready.", {"application/json": Readiness}),
+                      503: Response("A dependency is down.", {"application/json": Readiness})})
+@allow_methods("GET")
 async def readyz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, str] = {}
     try:

@@ -26,12 +26,25 @@ class SpecEntry:
 
 
 @dataclass(frozen=True)
+class AdapterEntry:
+    """A fine-tuned model's LoRA adapter: vLLM's adapter id (the model's pk) and the file holding it."""
+
+    lora_id: int
+    file_id: str
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     id: int
     name: str
     owned_by: str
     created: int
     specs: tuple[SpecEntry, ...]
+    adapter: AdapterEntry | None = None  # set for `<base>:ft-<id>`: served by the base's specs with this adapter
+    owner_id: int | None = None  # a private (fine-tuned) model: only this user's keys see it
+
+    def visible_to(self, owner_id: int | None) -> bool:
+        return self.owner_id is None or self.owner_id == owner_id
 
 
 _models: tuple[float, dict[str, ModelEntry]] = (0.0, {})
@@ -39,14 +52,16 @@ _models: tuple[float, dict[str, ModelEntry]] = (0.0, {})
 
 def _load_models() -> dict[str, ModelEntry]:
     entries: dict[str, ModelEntry] = {}
-    for model in Model.objects.filter(enabled=True).prefetch_related("specs"):
+    for model in Model.objects.filter(enabled=True).select_related("base").prefetch_related("specs", "base__specs"):
+        serving = model.base if model.base_id is not None else model  # a fine-tuned model runs on its base's specs
         specs = tuple(
             SpecEntry(id=s.pk, name=s.name, engine=s.engine, weight=s.weight, min_replicas=s.min_replicas)
-            for s in model.specs.all() if s.enabled
+            for s in serving.specs.all() if s.enabled
         )
+        adapter = AdapterEntry(lora_id=model.pk, file_id=model.adapter_file_id) if model.adapter_file_id else None
         entries[model.name] = ModelEntry(
             id=model.pk, name=model.name, owned_by=model.owned_by, created=int(model.created_at.timestamp()),
-            specs=specs,
+            specs=specs, adapter=adapter, owner_id=model.owner_id,
         )
     return entries
 
@@ -111,21 +126,20 @@ def spec_upsert(*, model: Model, name: str, engine: str, source: str = "", engin
 
 
 def catalog_load(data: dict[str, Any]) -> list[ModelSpec]:
-    """Upserts models and specs from a parsed YAML document (`models: [{name, source, specs: [...]}]`)."""
+    """Upserts models and specs from a parsed models file (`farm.catalog_file`: validated, model-level defaults
+    applied to each spec); raises `CatalogFileError` (a ValueError) naming the bad entry."""
     from django.db import transaction
 
+    from farm.catalog_file import catalog_file_parse
+
     specs: list[ModelSpec] = []
-    models = data.get("models")
-    if not isinstance(models, list) or not models:
-        raise ValueError("the file must have a non-empty `models:` list")
     with transaction.atomic():
-        for entry in models:
-            model = model_upsert(name=entry["name"], source=entry.get("source", ""),
-                                 engine_args=entry.get("engine_args"), owned_by=entry.get("owned_by", "farm"))
-            for spec in entry.get("specs") or []:
+        for declared in catalog_file_parse(data):
+            model = model_upsert(name=declared.name, source=declared.source, engine_args=declared.engine_args,
+                                 owned_by=declared.owned_by)
+            for spec in declared.specs:
                 specs.append(spec_upsert(
-                    model=model, name=spec["name"], engine=spec.get("engine", "vllm"), source=spec.get("source", ""),
-                    engine_args=spec.get("engine_args"), resource_profile=spec.get("resource_profile", "cpu"),
-                    min_replicas=spec.get("min_replicas", 0), weight=spec.get("weight", 100),
+                    model=model, name=spec.name, engine=spec.engine, source=spec.source, engine_args=spec.engine_args,
+                    resource_profile=spec.resource_profile, min_replicas=spec.min_replicas, weight=spec.weight,
                 ))
     return specs

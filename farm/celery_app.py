@@ -10,6 +10,10 @@ from farm import queues
 def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: float = 10.0) -> Celery:
     """One configuration for every farm process: JSON only, late acks, prefetch 1, no result backend."""
     app = Celery(main, broker=broker_url)
+    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        from farm.broker_transport import REDIS_TRANSPORT
+
+        app.conf.broker_transport = REDIS_TRANSPORT  # survives a broker restart (see the module)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -39,4 +43,7 @@ def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: floa
         },
         timezone="UTC",
     )
+    from farm.request_ids import celery_carry_request_ids
+
+    celery_carry_request_ids()  # a job's x-request-id reaches its worker's log lines
     return app

@@ -7,6 +7,7 @@ request; this pool keeps a fixed set of threads with persistent connections inst
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ _executor = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="farm-d
 
 async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    context = contextvars.copy_context()  # the request id (farm.request_ids) follows the call into the pool
+    return await loop.run_in_executor(_executor, functools.partial(context.run, fn, *args, **kwargs))
 
 
 def close_pool_connections() -> None:

@@ -32,6 +32,12 @@ class Unauthenticated(FarmError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(FarmError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFound(FarmError):
     status = 404
     type = "not_found_error"
@@ -57,3 +63,11 @@ class Timeout(FarmError):
     status = 504
     type = "timeout_error"
     code = "deadline_exceeded"
+
+
+class ModelOverloaded(FarmError):
+    """Every replica of the model is busy and its queue is over the bound (farm.routing.model_overloaded)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "model_overloaded"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,15 +15,19 @@ from farm import jobs
 from farm.api_keys import KeyPrincipal
 from farm.catalog import ModelEntry, model_catalog
 from farm.db import run_db
-from farm.dispatch import inference_publish
-from farm.errors import ModelNotFound, Unavailable
-from farm.models import JobStatus
-from farm.registry import live_workers
-from farm.routing import SpecState, route_request
+from farm.dispatch import inference_adapter, inference_publish
+from farm.errors import ModelNotFound, ModelOverloaded, Unavailable
+from farm.models import JobStatus, OnLimit
+from farm.registry import live_workers_serving
+from farm.routing import model_overloaded, route_request, spec_states
+from farm.spec_health import queue_depths, spec_backoffs
+from settings import env
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
+# How often a key with `on_limit=wait` looks again for room on an overloaded model.
+OVERLOAD_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -34,47 +39,67 @@ class Submission:
     deadline: float
 
 
-async def model_resolve(name: str) -> ModelEntry:
+async def model_resolve(name: str, *, owner_id: int | None) -> ModelEntry:
+    """The enabled model `name` as `owner_id`'s keys see it: another user's fine-tuned model does not exist for them."""
     model = (await model_catalog()).get(name)
-    if model is None:
+    if model is None or not model.visible_to(owner_id):
         raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
     return model
 
 
+async def spec_choose_waiting(model: ModelEntry, *, wait_s: float) -> str:
+    """`spec_choose`, but an overloaded model is asked again every `OVERLOAD_POLL_S` for up to `wait_s` seconds
+    before its 429 stands (keys with `on_limit=wait`: their requests queue behind the backlog instead of failing)."""
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            return await spec_choose(model)
+        except ModelOverloaded:
+            if time.monotonic() + OVERLOAD_POLL_S > give_up:
+                raise
+            await asyncio.sleep(OVERLOAD_POLL_S)
+
+
 async def spec_choose(model: ModelEntry) -> str:
-    """Routes to a spec that has a live replica, or raises 503 with Retry-After."""
-    replicas: dict[str, list[int]] = {}
-    for worker in await live_workers():
-        if not worker.accepts_work:
-            continue
-        for spec in worker.specs:
-            stats = replicas.setdefault(spec, [0, 0, 0])
-            stats[0] += 1
-            stats[1] += worker.running
-            stats[2] += worker.capacity
-    states = [
-        SpecState(name=s.name, weight=s.weight, live_replicas=replicas.get(s.name, [0])[0],
-                  running=replicas.get(s.name, [0, 0])[1], capacity=replicas.get(s.name, [0, 0, 0])[2])
-        for s in model.specs
-    ]
-    choice = route_request(states)
+    """Routes to a spec of the model from live state (replicas, load, weights, back-off); 503 with Retry-After when
+    no replica serves it, 429 with Retry-After when every replica is saturated and the queues are over the bound."""
+    now = time.time()
+    names = [s.name for s in model.specs]
+    states = spec_states([(s.name, s.weight) for s in model.specs], await live_workers_serving(names), now=now,
+                         backoffs=await spec_backoffs())
+    choice = route_request(states, now=now)
     if choice is None:
         raise Unavailable(f"No worker is serving `{model.name}` right now; retry shortly.",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
+    if choice.saturated and env.FARM_OVERLOAD_QUEUE_BOUND >= 0:  # queue depths are read only when it may matter
+        live = [state for state in states if state.live_replicas > 0]
+        depths = await queue_depths([state.name for state in live])
+        live = [replace(state, queued=depths[state.name]) for state in live]
+        if model_overloaded(live, queue_bound=env.FARM_OVERLOAD_QUEUE_BOUND):
+            raise ModelOverloaded(
+                f"`{model.name}` is overloaded: every replica is busy and {sum(depths.values())} requests are "
+                "waiting; retry after the delay in Retry-After.",
+                headers={"Retry-After": str(env.FARM_OVERLOAD_RETRY_AFTER_S)})
     return choice.name
 
 
 def _create_and_publish(*, principal: KeyPrincipal, kind: str, model: ModelEntry, spec_name: str,
-                        request: dict[str, Any], deadline: float) -> str:
+                        request: dict[str, Any], deadline: float, request_id: str = "") -> str:
     spec_id = next(s.id for s in model.specs if s.name == spec_name)
     with transaction.atomic():
         job = jobs.job_create(
             owner_id=principal.owner_id, api_key_id=principal.key_id, kind=kind, model_id=model.id, spec_id=spec_id,
-            request=request, deadline_at=datetime.fromtimestamp(deadline, tz=UTC),
+            request=request, deadline_at=datetime.fromtimestamp(deadline, tz=UTC), request_id=request_id,
         )
     job_id = str(job.pk)
+    log.info("job %s queued on %s for key %s", job_id, spec_name, principal.prefix)
     try:
-        inference_publish(job_id=job_id, attempt=1, spec=spec_name, kind=kind, request=request, deadline=deadline)
+        adapter = None
+        if model.adapter is not None:  # a fine-tuned model: the base's spec loads the adapter (LoRA)
+            adapter = inference_adapter(job_id=job_id, attempt=1, name=model.name, lora_id=model.adapter.lora_id,
+                                        file_id=model.adapter.file_id)
+        inference_publish(job_id=job_id, attempt=1, spec=spec_name, kind=kind, request=request, deadline=deadline,
+                          adapter=adapter)
     except Exception as exc:  # broker down: the client is told, and the row does not stay queued
         log.error("job %s: publish to %s failed: %s", job_id, spec_name, exc)
         jobs.job_apply_event(job_id=job_id, attempt=1, kind=JobStatus.FAILED, worker_id="",
@@ -85,12 +110,15 @@ def _create_and_publish(*, principal: KeyPrincipal, kind: str, model: ModelEntry
 
 
 async def inference_submit(*, principal: KeyPrincipal, kind: str, model_name: str, request: dict[str, Any],
-                           timeout_s: float) -> Submission:
-    """Validated request in, queued job out (committed before its message is published)."""
-    model = await model_resolve(model_name)
-    spec_name = await spec_choose(model)
+                           timeout_s: float, request_id: str = "") -> Submission:
+    """Validated request in, queued job out (committed before its message is published). The key's policy and
+    limits are checked by the caller before (`api_key_check_request`, `farm.rate_limits`)."""
+    model = await model_resolve(model_name, owner_id=principal.owner_id)
+    started = time.time()
+    wait_s = min(env.FARM_RATE_LIMIT_MAX_WAIT_S, timeout_s) if principal.policy.on_limit == OnLimit.WAIT else 0.0
+    spec_name = await spec_choose_waiting(model, wait_s=wait_s)
     now = time.time()
-    deadline = now + timeout_s
+    deadline = started + timeout_s  # time spent waiting for room counts against the request's deadline
     job_id = await run_db(_create_and_publish, principal=principal, kind=kind, model=model, spec_name=spec_name,
-                          request=request, deadline=deadline)
+                          request=request, deadline=deadline, request_id=request_id)
     return Submission(job_id=job_id, model=model.name, spec=spec_name, created=int(now), deadline=deadline)

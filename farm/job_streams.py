@@ -5,13 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from farm import redis_keys, stream_format
+from farm.db import run_db
 from farm.redis_client import async_redis, sync_redis
 from farm.stream_format import Delta, End, Failure, Restart, StreamEvent
 
 _FIELD = stream_format.FIELD.encode()
 # Extra seconds the reader waits past the deadline: the worker reports its own timeout first.
 GRACE_S = 2.0
+# Longest one XREAD blocks: well under redis-py's default socket timeout (5 s since redis-py 8), which would
+# otherwise end a blocking read of a job that is silent for a while (a retry after its worker died) with a
+# TimeoutError; a read that still times out (a slow Redis on a loaded host) is simply read again.
+_BLOCK_S = 2.0
+# A reader that has heard nothing for this long checks that the job's stream still exists. A Redis restart can lose
+# it (with the outcome in it) after the job ended; the job's database row then tells how it ended.
+LOST_STREAM_CHECK_S = 5.0
 
 
 async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[StreamEvent]:
@@ -20,12 +30,24 @@ async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[St
     client = async_redis()
     key = redis_keys.job_stream(job_id)
     last_id = "0-0"
+    sent = ""  # text of the current attempt yielded so far
+    check_at = time.time() + LOST_STREAM_CHECK_S
     while True:
         remaining = deadline + GRACE_S - time.time()
         if remaining <= 0:
             yield Failure(504, "timeout_error", "deadline_exceeded", "The request did not finish before its deadline.")
             return
-        reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, 10.0) * 1000)), count=512)
+        try:
+            reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, _BLOCK_S) * 1000)), count=512)
+        except RedisTimeoutError:  # slow, not gone (a lost connection is a ConnectionError): read again
+            continue
+        if not reply and time.time() >= check_at:
+            check_at = time.time() + LOST_STREAM_CHECK_S
+            ended = None if await client.exists(key) else await run_db(job_row_outcome, job_id)
+            if ended is not None:
+                for event in _rest_of(sent, *ended):
+                    yield event
+                return
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 last_id = entry_id
@@ -33,6 +55,46 @@ async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[St
                 yield event
                 if isinstance(event, End | Failure):
                     return
+                sent = "" if isinstance(event, Restart) else sent + event.text
+
+
+def _rest_of(sent: str, text: str, final: End | Failure) -> list[StreamEvent]:
+    """What a reader that has yielded `sent` still needs to yield to end with the database's outcome."""
+    if isinstance(final, Failure):
+        return [final]
+    events: list[StreamEvent] = []
+    if not text.startswith(sent):  # what was sent belongs to an earlier attempt
+        events.append(Restart(attempt=0))
+        sent = ""
+    if text[len(sent):]:
+        events.append(Delta(text=text[len(sent):], tokens=0))
+    return [*events, final]
+
+
+def job_row_outcome(job_id: str) -> tuple[str, End | Failure] | None:
+    """(text, final event) of an ended job, from its database row; None while it is queued or running."""
+    from farm.jobs import SERVER_ERROR_CODES
+    from farm.models import TERMINAL_STATUSES, Job, JobStatus
+
+    job = Job.objects.filter(pk=job_id).values("status", "result", "usage", "error").first()
+    if job is None or job["status"] not in TERMINAL_STATUSES:
+        return None
+    usage, error = job["usage"] or {}, job["error"] or {}
+    message = error.get("message", "")
+    if job["status"] == JobStatus.SUCCEEDED:
+        result = job["result"] or {}
+        return result.get("text", ""), End(finish_reason=result.get("finish_reason") or "stop",
+                                           prompt_tokens=usage.get("prompt_tokens", 0),
+                                           completion_tokens=usage.get("completion_tokens", 0))
+    if job["status"] == JobStatus.CANCELED:
+        return "", Failure(409, "invalid_request_error", "canceled", "The job was canceled.")
+    if job["status"] == JobStatus.TIMED_OUT:
+        return "", Failure(504, "timeout_error", "deadline_exceeded",
+                           message or "The request did not finish before its deadline.")
+    code = error.get("code", "internal_error")
+    if code in SERVER_ERROR_CODES:
+        return "", Failure(503, "server_error", code, message or "The job failed.")
+    return "", Failure(400, "invalid_request_error", code, message or "The request was refused by the engine.")
 
 
 async def job_collect(job_id: str, *, deadline: float) -> tuple[str, End | Failure]:
@@ -55,3 +117,13 @@ def job_stream_append(job_id: str, event: StreamEvent) -> None:
         pipe.xadd(key, {stream_format.FIELD: stream_format.encode(event)})
         pipe.expire(key, redis_keys.STREAM_TTL_S)
         pipe.execute()
+
+
+def job_stream_outcome(job_id: str) -> End | Failure | None:
+    """The job's final event if its worker already wrote one (its database row may lag: the outcome event travels
+    through the control queue), else None."""
+    entries = sync_redis().xrevrange(redis_keys.job_stream(job_id), count=1)
+    if not entries:
+        return None
+    event = stream_format.decode(entries[0][1][_FIELD])
+    return event if isinstance(event, End | Failure) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from farm import queues
 
@@ -23,10 +24,24 @@ def control_worker_command(*, beat_schedule: str | None = None, concurrency: int
     return command
 
 
-def gpu_worker_command(*, specs: list[str], worker_id: str, concurrency: int = 128) -> list[str]:
+def gpu_worker_command(*, specs: list[str], worker_id: str, concurrency: int = 128, lazy_specs: Sequence[str] = (),
+                       memory_gib: float | None = None) -> list[str]:
+    """An inference worker: `specs` loaded at start, `lazy_specs` on their first request, within `memory_gib`."""
     command = [sys.executable, "-m", "gpu_workers", "--worker-id", worker_id, "--concurrency", str(concurrency)]
     for spec in specs:
         command += ["--spec", spec]
+    for spec in lazy_specs:
+        command += ["--lazy-spec", spec]
+    if memory_gib is not None:
+        command += ["--memory-gib", str(memory_gib)]
+    return command
+
+
+def training_worker_command(*, classes: list[str], worker_id: str) -> list[str]:
+    """A training worker (`train.<class>` queues; each job in a child process)."""
+    command = [sys.executable, "-m", "gpu_workers", "--worker-id", worker_id]
+    for name in classes:
+        command += ["--train", name]
     return command
 
 

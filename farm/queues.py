@@ -44,11 +44,26 @@ class TaskPolicy:
 # Explicit dotted names: a rename of a Python function never orphans queued messages.
 INFER_TASK = TaskPolicy("farm.infer.generate", soft_time_limit_s=None, time_limit_s=None, max_retries=0)
 JOB_EVENT_TASK = TaskPolicy("farm.control.job_event", soft_time_limit_s=30, time_limit_s=60, max_retries=10)
+# Workers send their events coalesced (gpu_workers.job_events); `job_event` applies one (a retried poison event).
+JOB_EVENTS_TASK = TaskPolicy("farm.control.job_events", soft_time_limit_s=60, time_limit_s=120, max_retries=10)
 REAP_TASK = TaskPolicy("farm.control.reap", soft_time_limit_s=50, time_limit_s=60, max_retries=0)
 EXPIRE_TASK = TaskPolicy("farm.control.expire_jobs", soft_time_limit_s=240, time_limit_s=300, max_retries=0)
+# Training and eval-loss on `train.<hardware-class>`. Workers run it in a child process and kill it (SIGKILL of its
+# group) at the job's deadline, capped by `time_limit_s`; Celery's own limits need the prefork pool, which training
+# workers do not use. Retries are the job's attempts (farm.jobs), not Celery's.
+TRAIN_TASK = TaskPolicy("farm.train.run", soft_time_limit_s=None, time_limit_s=7 * 24 * 3600.0, max_retries=0)
+# Advances one batch (validate, top up its in-flight window, collect outcomes, finalize); sweep kicks every active one.
+BATCH_TICK_TASK = TaskPolicy("farm.control.batch_tick", soft_time_limit_s=540, time_limit_s=600, max_retries=3)
+BATCH_SWEEP_TASK = TaskPolicy("farm.control.batch_sweep", soft_time_limit_s=20, time_limit_s=30, max_retries=0)
+BATCH_SWEEP_EVERY_S = 5.0
 
 # Tasks the control worker consumes: they always go to the control queue.
-CONTROL_TASKS = (JOB_EVENT_TASK, REAP_TASK, EXPIRE_TASK)
+# Fills the shared model directory ahead of demand (copy, GGUF conversion, hub download): `farm.model_cache`.
+MODEL_CACHE_TASK = TaskPolicy("farm.control.model_cache", soft_time_limit_s=3 * 3600, time_limit_s=3 * 3600 + 60,
+                              max_retries=0)
+
+CONTROL_TASKS = (JOB_EVENT_TASK, JOB_EVENTS_TASK, REAP_TASK, EXPIRE_TASK, BATCH_TICK_TASK, BATCH_SWEEP_TASK,
+                 MODEL_CACHE_TASK)
 
 
 def beat_schedule(*, reap_every_s: float) -> dict[str, tuple[str, float]]:
@@ -56,6 +71,7 @@ def beat_schedule(*, reap_every_s: float) -> dict[str, tuple[str, float]]:
     return {
         "reap-and-sweep": (REAP_TASK.name, reap_every_s),
         "expire-finished-jobs": (EXPIRE_TASK.name, 3600.0),
+        "sweep-batches": (BATCH_SWEEP_TASK.name, BATCH_SWEEP_EVERY_S),
     }
 
 

@@ -5,6 +5,7 @@
   "Seen" is the Worker row's `last_seen_at`, refreshed from the live registry at the start of each run, so a
   Redis restart (registry briefly empty) does not reap jobs whose workers are alive;
 - queued jobs past their deadline end `timed_out`;
+- queued jobs stranded on a spec with no live replica move to a live spec of their model (`farm.failover`);
 - queued jobs whose message the broker lost (a Redis restart without persistence) are published again: they are
   old, unclaimed, and their queue is empty. A duplicate message is harmless: the per-attempt claim lets one run.
 """
@@ -16,15 +17,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.utils import timezone
+from redis import Redis
 
-from farm import jobs, queues, redis_keys
+from farm import jobs, redis_keys
+from farm.failover import job_failover_dispatch, jobs_failover_queued
 from farm.models import Job, JobStatus, Worker
 from farm.redis_client import sync_redis
+from farm.registry import LiveWorker
 from farm.workers import worker_registry_sync
 from settings import env
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    failed_over: list[str] = field(default_factory=list)
 
 
 def _requeue(job: Job, reason: str, report: ReapReport) -> None:
@@ -42,7 +46,7 @@ def _requeue(job: Job, reason: str, report: ReapReport) -> None:
     if requeued.failed:
         report.failed.append(str(job.pk))
         return
-    jobs.job_dispatch(job_id=str(job.pk))
+    job_failover_dispatch(job_id=str(job.pk), failed=True, reason=reason)  # its worker died: the next live spec
     report.requeued.append(str(job.pk))
 
 
@@ -52,42 +56,92 @@ def _silent(worker_id: str, since: datetime, seen: dict[str, datetime | None], c
     return (last or since) < cutoff
 
 
-def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = None) -> ReapReport:
-    report = ReapReport()
-    client = sync_redis()
-    live = {worker.worker_id: worker for worker in worker_registry_sync()}
-    now = timezone.now()
-    cutoff = now - timedelta(seconds=env.FARM_JOB_LEASE_S if lease_s is None else lease_s)
-    sweep_after = env.FARM_SWEEP_AFTER_S if sweep_after_s is None else sweep_after_s
-    seen = dict(Worker.objects.values_list("worker_id", "last_seen_at"))
+@dataclass(frozen=True)
+class _Now:
+    """One reaper run's view of time and the fleet."""
 
+    at: datetime
+    cutoff: datetime  # workers not seen since are silent
+    seen: dict[str, datetime | None]  # worker id -> last seen
+
+    @property
+    def lease_s(self) -> float:
+        return (self.at - self.cutoff).total_seconds()
+
+
+def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report: ReapReport) -> None:
+    """Requeues running jobs whose worker went silent, or that a live worker has not run for a whole lease."""
+    suspects = {k.decode(): float(v) for k, v in client.hgetall(redis_keys.REAPER_SUSPECTS).items()}
+    still_suspect: dict[str, float] = {}
     for job in Job.objects.filter(status=JobStatus.RUNNING).only("pk", "attempt", "worker_id", "started_at"):
         worker = live.get(job.worker_id)
-        if worker is None and _silent(job.worker_id, job.started_at or now, seen, cutoff):
+        started = job.started_at or now.at
+        if worker is None and _silent(job.worker_id, started, now.seen, now.cutoff):
             _requeue(job, f"worker {job.worker_id or '?'} went silent", report)
-        elif worker is not None and str(job.pk) not in worker.running_jobs and (job.started_at or now) < cutoff:
-            # Alive but not running it: its outcome event was lost (e.g. a broker restart). Run it again.
-            _requeue(job, f"worker {job.worker_id} no longer runs it", report)
+        elif worker is not None and str(job.pk) not in worker.running_jobs and started < now.cutoff:
+            # Alive but not running it: its outcome event is on its way (a busy control queue) or was lost (a broker
+            # restart). Only after a whole lease of not running it is the event presumed lost and the job run again.
+            key = f"{job.pk}:{job.attempt}"
+            first_seen = suspects.get(key, now.at.timestamp())
+            if now.at.timestamp() - first_seen >= now.lease_s:
+                _requeue(job, f"worker {job.worker_id} no longer runs it", report)
+            else:
+                still_suspect[key] = first_seen
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(redis_keys.REAPER_SUSPECTS)
+        if still_suspect:
+            pipe.hset(redis_keys.REAPER_SUSPECTS, mapping=still_suspect)
+        pipe.execute()
 
-    for job in Job.objects.filter(status=JobStatus.QUEUED, deadline_at__lt=now).only("pk", "attempt"):
-        if jobs.job_transition(job_id=str(job.pk), attempt=job.attempt, to=JobStatus.TIMED_OUT, worker_id="reaper",
-                               detail={"error": {"code": "deadline_exceeded", "message": "expired while queued"}}):
+
+def _sweep_queued(client: Redis, now: _Now, sweep_after_s: float, report: ReapReport) -> None:
+    """Times out expired queued jobs; requeues those claimed by a dead worker; re-publishes those the broker lost."""
+    for job in Job.objects.filter(status=JobStatus.QUEUED, deadline_at__lt=now.at).only("pk", "attempt"):
+        if jobs.job_transition(
+            job_id=str(job.pk),
+            attempt=job.attempt,
+            to=JobStatus.TIMED_OUT,
+            worker_id="reaper",
+            detail={"error": {"code": "deadline_exceeded", "message": "expired while queued"}},
+        ):
             report.timed_out.append(str(job.pk))
 
     stale = Job.objects.select_related("spec").filter(
-        status=JobStatus.QUEUED, dispatched_at__lt=now - timedelta(seconds=sweep_after))
-    for job in stale.only("pk", "attempt", "dispatched_at", "spec__name"):
+        status=JobStatus.QUEUED, dispatched_at__lt=now.at - timedelta(seconds=sweep_after_s)
+    )
+    for job in stale.only("pk", "attempt", "dispatched_at", "kind", "request", "spec__name"):
         claimant = client.get(redis_keys.job_claim(str(job.pk), job.attempt))
         if claimant is not None:
-            if _silent(claimant.decode(), job.dispatched_at or now, seen, cutoff):
+            if _silent(claimant.decode(), job.dispatched_at or now.at, now.seen, now.cutoff):
                 _requeue(job, f"worker {claimant.decode()} died before starting it", report)
             continue
-        if job.spec is not None and client.llen(queues.infer_queue(job.spec.name)) == 0:
-            log.warning("job %s: message presumed lost by the broker; publishing attempt %d again", job.pk,
-                        job.attempt)
+        queue = jobs.job_queue(job)
+        if queue is not None and client.llen(queue) == 0:
+            log.warning("job %s: message presumed lost by the broker; publishing attempt %d again", job.pk, job.attempt)
             jobs.job_dispatch(job_id=str(job.pk))
             report.republished.append(str(job.pk))
 
-    if any((report.requeued, report.failed, report.timed_out, report.republished)):
+    # Jobs waiting on others are released when those finish (`jobs_release_dependents`, after commit); this
+    # catches a release lost with a crashed process. `job_dispatch` leaves the ones still waiting alone.
+    for job_id in Job.objects.filter(status=JobStatus.QUEUED, dispatched_at__isnull=True).values_list("pk", flat=True):
+        if jobs.job_dispatch(job_id=str(job_id)):
+            report.republished.append(str(job_id))
+
+
+def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = None) -> ReapReport:
+    """One reaper run (beat, every FARM_REAP_EVERY_S): see the module docstring."""
+    report = ReapReport()
+    client = sync_redis()
+    live = {worker.worker_id: worker for worker in worker_registry_sync()}
+    at = timezone.now()
+    now = _Now(
+        at=at,
+        cutoff=at - timedelta(seconds=env.FARM_JOB_LEASE_S if lease_s is None else lease_s),
+        seen=dict(Worker.objects.values_list("worker_id", "last_seen_at")),
+    )
+    _reap_running(client, live, now, report)
+    _sweep_queued(client, now, env.FARM_SWEEP_AFTER_S if sweep_after_s is None else sweep_after_s, report)
+    report.failed_over = jobs_failover_queued(now=at, after_s=env.FARM_FAILOVER_AFTER_S)
+    if any((report.requeued, report.failed, report.timed_out, report.republished, report.failed_over)):
         log.info("reaper: %s", report)
     return report

@@ -1,28 +1,68 @@
-"""Shared Redis clients for the control plane: one sync client per process, one async client per event loop."""
+"""Redis clients for every farm process, all with one reconnect policy.
+
+A client made by `redis.Redis.from_url` alone never retries: after a Redis restart every pooled connection is dead,
+and each command that draws one fails ("Connection closed by server") although the server is back. Here a command
+that meets a lost connection reconnects and runs again, with backoff, for about 5 s (a restart's downtime); only
+then does the error reach the caller (the API answers 503). Control-plane code uses `sync_redis()` /
+`async_redis()`; workers, which have no Django settings, call `redis_connect` / `aioredis_connect` with their URL.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from functools import cache
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
-from settings import env
+# 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1, 1, 1 s (jittered): ~5 s of reconnecting before a command gives up.
+RECONNECT_RETRIES = 9
+RECONNECT_BACKOFF = {"base": 0.05, "cap": 1.0}
+# A pooled connection idle this long is PINGed before use (a dead one is replaced before the command is sent).
+HEALTH_CHECK_INTERVAL_S = 30
 
 _async_clients: dict[int, aioredis.Redis] = {}
 
 
+def _options(retry_class: type) -> dict[str, Any]:
+    return {
+        "retry": retry_class(ExponentialWithJitterBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+    }
+
+
+def redis_connect(url: str, **kwargs: Any) -> redis.Redis:
+    """A sync client for `url` that rides out a Redis restart (see the module)."""
+    return redis.Redis.from_url(url, **(_options(Retry) | kwargs))
+
+
+def aioredis_connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An asyncio client for `url` that rides out a Redis restart (see the module)."""
+    return aioredis.Redis.from_url(url, **(_options(AsyncRetry) | kwargs))
+
+
 @cache
 def sync_redis() -> redis.Redis:
-    return redis.Redis.from_url(env.REDIS_URL, health_check_interval=30)
+    """The control plane's sync client (one per process)."""
+    from settings import env
+
+    return redis_connect(env.REDIS_URL)
 
 
 def async_redis() -> aioredis.Redis:
-    """The client for the running loop (a pool is bound to the loop that first used it)."""
+    """The control plane's client for the running loop (a pool is bound to the loop that first used it)."""
+    from settings import env
+
     loop_id = id(asyncio.get_running_loop())
     client = _async_clients.get(loop_id)
     if client is None:
-        client = aioredis.Redis.from_url(env.REDIS_URL, max_connections=4096, health_check_interval=30)
+        client = aioredis_connect(env.REDIS_URL, max_connections=4096)
         _async_clients[loop_id] = client
     return client

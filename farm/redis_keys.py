@@ -31,7 +31,51 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:cancel"
 
 
+# Hash the reaper keeps across runs: "<job id>:<attempt>" -> epoch seconds when a live worker was first seen not
+# running a job the database says it runs (its outcome event may still be on its way).
+REAPER_SUSPECTS = PREFIX + "reaper:suspects"
+
 # Pub/sub channel on which cancellations are announced to every worker (payload: job id).
 CANCEL_CHANNEL = PREFIX + "cancel"
 # Seconds a cancel marker is kept, so a worker that picks the job up later still sees it.
 CANCEL_TTL_S = 24 * 3600
+
+# Pub/sub channel on which the control plane tells one worker to drain, quarantine or resume (JSON payload
+# {"worker_id", "action"}); the worker reports its new status in its next heartbeat.
+WORKER_CONTROL_CHANNEL = PREFIX + "worker-control"
+WORKER_ACTIONS = ("drain", "quarantine", "resume")
+
+
+def batch_tick_pending(batch_id: str) -> str:
+    """Set (NX) when a tick of this batch is already scheduled: many lines ending at once schedule one tick."""
+    return f"{PREFIX}batch:{batch_id}:tick"
+
+
+def batch_lock(batch_id: str) -> str:
+    """Held by the control-worker thread advancing this batch: one tick at a time per batch."""
+    return f"{PREFIX}batch:{batch_id}:lock"
+
+
+# --- per-key rate limits (farm.rate_limits); `{key_id}` hash tag keeps one key's counters on one cluster slot -------
+def rate_limit_bucket(key_id: int, kind: str) -> str:
+    """Token bucket (hash: level, ts) of one API key's `requests` or `tokens` per minute."""
+    return f"{PREFIX}rl:{{{key_id}}}:{kind}"
+
+
+def rate_limit_quota(key_id: int, period_id: str) -> str:
+    """Tokens one API key used in one quota period (`2026-11-23` or `2026-11`)."""
+    return f"{PREFIX}rl:{{{key_id}}}:quota:{period_id}"
+
+
+# --- fleet routing (farm.spec_health) -------------------------------------------------------------------------------
+# Hash: spec name -> epoch seconds until which routing skips the spec (it failed; the back-off grows per failure).
+SPEC_BACKOFF = PREFIX + "spec-backoff"
+
+
+def spec_failures(spec_name: str) -> str:
+    """Counter of a spec's recent failures (expires `BackoffPolicy.reset_after_s` after the last one)."""
+    return f"{PREFIX}spec:{spec_name}:failures"
+
+
+# Hash: cache job id -> JSON progress of a model cache job (farm.model_cache).
+MODEL_CACHE_JOBS = PREFIX + "model-cache-jobs"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,22 +13,32 @@ import orjson
 from farm import redis_keys
 from farm.redis_client import async_redis, sync_redis
 
+log = logging.getLogger(__name__)
+
 _SNAPSHOT_S = 1.0
 
 
 @dataclass(frozen=True)
 class LiveWorker:
     worker_id: str
-    specs: tuple[str, ...]
+    specs: tuple[str, ...]  # loaded: serving now
     running: int
     capacity: int
     status: str  # ready | draining | quarantined
     running_jobs: frozenset[str]
     raw: dict[str, Any]
+    seen_at: float = 0.0  # epoch seconds of its last heartbeat
+    heartbeat_s: float = 0.0  # its heartbeat interval (0: an older worker that does not say)
+    lazy_specs: tuple[str, ...] = ()  # not loaded; loaded on the first request for them (a cold start)
 
     @property
     def accepts_work(self) -> bool:
         return self.status == "ready"
+
+    def fresh(self, now: float) -> bool:
+        """False once three heartbeats (and at least 5 s) were missed: routing stops sending work before a long TTL
+        ends, without taking a worker whose heartbeat thread is briefly starved on a loaded host for dead."""
+        return self.heartbeat_s <= 0 or now - self.seen_at <= max(3 * self.heartbeat_s, 5.0)
 
 
 def _parse(values: list[bytes | None]) -> list[LiveWorker]:
@@ -36,29 +48,89 @@ def _parse(values: list[bytes | None]) -> list[LiveWorker]:
             continue
         entry = orjson.loads(value)
         load = entry.get("load", {})
-        workers.append(LiveWorker(
-            worker_id=entry["worker_id"], specs=tuple(entry.get("specs", ())), running=load.get("running", 0),
-            capacity=load.get("capacity", 1), status=entry.get("status", "ready"),
-            running_jobs=frozenset(entry.get("running_jobs", ())), raw=entry,
-        ))
+        workers.append(
+            LiveWorker(
+                worker_id=entry["worker_id"],
+                specs=tuple(entry.get("specs", ())),
+                running=load.get("running", 0),
+                capacity=load.get("capacity", 1),
+                status=entry.get("status", "ready"),
+                running_jobs=frozenset(entry.get("running_jobs", ())),
+                raw=entry,
+                seen_at=float(entry.get("ts", 0.0)),
+                heartbeat_s=float(entry.get("heartbeat_s", 0.0)),
+                lazy_specs=tuple(entry.get("lazy_specs", ())),
+            )
+        )
     return workers
 
 
-_snapshot: tuple[float, list[LiveWorker]] = (0.0, [])
+_snapshot: tuple[float, list[LiveWorker], dict[str, list[LiveWorker]]] = (0.0, [], {})
 
 
-async def live_workers() -> list[LiveWorker]:
-    """Workers with a fresh heartbeat; cached for a second per process (routing reads it per request)."""
+def workers_by_spec(workers: list[LiveWorker]) -> dict[str, list[LiveWorker]]:
+    """spec -> the workers that serve it or load it on demand: routing a request reads a model's few specs, not
+    the whole fleet."""
+    index: dict[str, list[LiveWorker]] = {}
+    for worker in workers:
+        for spec in (*worker.specs, *worker.lazy_specs):
+            index.setdefault(spec, []).append(worker)
+    return index
+
+
+_Snapshot = tuple[float, list[LiveWorker], dict[str, list[LiveWorker]]]
+# Past its second, a snapshot is still served for up to this long while one background task reads a new one: with
+# 1,000 workers the read (SMEMBERS + MGET + parsing) takes tens of ms, which no request should wait for.
+_STALE_OK_S = 2.0
+_refreshing: asyncio.Task | None = None
+
+
+async def _read() -> _Snapshot:
     global _snapshot
-    expires, workers = _snapshot
-    if expires > time.monotonic():
-        return workers
     client = async_redis()
     ids = [i.decode() for i in await client.smembers(redis_keys.WORKERS_SET)]
     values = await client.mget([redis_keys.worker(i) for i in ids]) if ids else []
     workers = _parse(values)
-    _snapshot = (time.monotonic() + _SNAPSHOT_S, workers)
-    return workers
+    _snapshot = (time.monotonic() + _SNAPSHOT_S, workers, workers_by_spec(workers))
+    return _snapshot
+
+
+async def _refresh() -> _Snapshot:
+    """The cached snapshot; a stale one (expired under `_STALE_OK_S` ago) is served while a background task reads
+    the next; none (or a too old one) is read now."""
+    global _refreshing
+    now = time.monotonic()
+    expires = _snapshot[0]
+    if expires > now:
+        return _snapshot
+    if expires and now - expires < _STALE_OK_S:
+        if _refreshing is None or _refreshing.done():
+            _refreshing = asyncio.get_running_loop().create_task(_read())
+            _refreshing.add_done_callback(_log_refresh_error)
+        return _snapshot
+    return await _read()
+
+
+def _log_refresh_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:  # Redis blip: the next request reads again
+        log.warning("registry refresh failed: %s", task.exception())
+
+
+async def live_workers() -> list[LiveWorker]:
+    """Workers with a fresh heartbeat; cached for a second per process (routing reads it per request)."""
+    return (await _refresh())[1]
+
+
+async def live_workers_serving(specs: list[str]) -> list[LiveWorker]:
+    """The live workers that serve any of `specs` (from the same cached snapshot), each once."""
+    index = (await _refresh())[2]
+    if len(specs) == 1:
+        return index.get(specs[0], [])
+    seen: dict[str, LiveWorker] = {}
+    for spec in specs:
+        for worker in index.get(spec, ()):
+            seen.setdefault(worker.worker_id, worker)
+    return list(seen.values())
 
 
 def live_workers_sync() -> tuple[list[LiveWorker], list[str]]:
@@ -72,4 +144,4 @@ def live_workers_sync() -> tuple[list[LiveWorker], list[str]]:
 
 def registry_invalidate() -> None:
     global _snapshot
-    _snapshot = (0.0, [])
+    _snapshot = (0.0, [], {})

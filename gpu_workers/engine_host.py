@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from farm.redis_client import aioredis_connect
 from gpu_workers.engine import Engine, EngineConfig, create_engine
 from gpu_workers.stream_writer import StreamWriter
 
@@ -33,7 +34,7 @@ class EngineHost:
 
     @staticmethod
     async def _connect(redis_url: str) -> aioredis.Redis:
-        return aioredis.Redis.from_url(redis_url, max_connections=512, health_check_interval=30)
+        return aioredis_connect(redis_url, max_connections=512)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Runs `coro` on the engine loop and waits for it (from any thread but the loop's own)."""
@@ -54,6 +55,16 @@ class EngineHost:
 
     def engine(self, spec_name: str) -> Engine | None:
         return self.engines.get(spec_name)
+
+    def unload(self, spec_name: str) -> None:
+        """Shuts a spec's engine down on the loop thread (its engine core process ends, its memory is freed)."""
+        engine = self.engines.pop(spec_name, None)
+        if engine is not None:
+
+            async def shutdown() -> None:
+                engine.shutdown()
+
+            self.run(shutdown())
 
     def close(self) -> None:
         for name, engine in self.engines.items():

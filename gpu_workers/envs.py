@@ -32,3 +32,21 @@ FARM_CPU_KVCACHE_GIB: str = _get("FARM_CPU_KVCACHE_GIB", "2")
 FARM_SHUTDOWN_GRACE_S: float = float(_get("FARM_SHUTDOWN_GRACE_S", "20"))
 # Consecutive worker-side failures after which the worker quarantines itself (stops consuming, reports unhealthy).
 FARM_QUARANTINE_AFTER: int = int(_get("FARM_QUARANTINE_AFTER", "5"))
+# Port of this worker's Prometheus `/metrics` endpoint (load, tokens, status, per-GPU figures); 0 turns it off.
+FARM_WORKER_METRICS_PORT: int = int(_get("FARM_WORKER_METRICS_PORT", "0"))
+# Address the worker's `/metrics` endpoint listens on (0.0.0.0 so Prometheus can scrape it from another host).
+FARM_WORKER_METRICS_ADDR: str = _get("FARM_WORKER_METRICS_ADDR", "0.0.0.0")
+# Benchmarks of the control plane only: serve every spec with a zero-cost engine (gpu_workers/null_engine.py).
+FARM_NULL_ENGINE: bool = _get("FARM_NULL_ENGINE", "0") == "1"
+# ... and the seconds it waits between two tokens of one request (0: as fast as the event loop turns).
+FARM_NULL_ENGINE_TOKEN_INTERVAL_S: float = float(_get("FARM_NULL_ENGINE_TOKEN_INTERVAL_S", "0"))
+# The farm API, for job inputs, adapters and artifacts (workers authenticate with each job's own token).
+FARM_API_URL: str = _get("FARM_API_URL", "http://127.0.0.1:8000").rstrip("/")
+# Local cache of LoRA adapters fetched for fine-tuned models (one directory per adapter).
+FARM_ADAPTER_DIR: Path = Path(_get("FARM_ADAPTER_DIR", str(Path.home() / ".cache" / "farm" / "adapters")))
+# Scratch space of training jobs (inputs, outputs); each attempt's directory is removed when it ends.
+FARM_TRAIN_WORK_DIR: Path = Path(_get("FARM_TRAIN_WORK_DIR", str(Path.home() / ".cache" / "farm" / "train")))
+# Training jobs one training worker runs at once (each in its own child process).
+FARM_TRAIN_CONCURRENCY: int = int(_get("FARM_TRAIN_CONCURRENCY", "1"))
+# Seconds between progress events a training job sends (the last step and checkpoints always go).
+FARM_TRAIN_PROGRESS_EVERY_S: float = float(_get("FARM_TRAIN_PROGRESS_EVERY_S", "1"))

@@ -28,10 +28,12 @@ class InferenceMessage:
     kind: str
     request: dict[str, Any]
     deadline: float  # epoch seconds
+    adapter: dict[str, Any] | None = None  # fine-tuned model: {name, lora_id, token} (farm.dispatch)
+    stream_tokens: bool = True  # False: nobody reads the tokens live (batch lines); only the outcome is written
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> InferenceMessage:
-        return cls(**{name: kwargs[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: kwargs[name] for name in cls.__dataclass_fields__ if name in kwargs})
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ def sampling_from_request(request: dict[str, Any]) -> SamplingOptions:
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         seed=request.get("seed"),
         ignore_eos=bool(request.get("ignore_eos", False)),
+        presence_penalty=request.get("presence_penalty", 0.0),
+        frequency_penalty=request.get("frequency_penalty", 0.0),
     )
 
 
@@ -77,6 +81,7 @@ def prepare(engine: Engine, message: InferenceMessage) -> PreparedRequest:
         messages=request.get("messages"),
         prompt=request.get("prompt"),
         sampling=sampling_from_request(request),
+        stream=message.stream_tokens,
     )
 
 
@@ -88,8 +93,17 @@ async def write_failure(redis: aioredis.Redis, job_id: str, failure: Failure) ->
         await pipe.execute()
 
 
+@dataclass
+class TokenCount:
+    """Tokens of an attempt so far, readable from another thread while it runs (a canceled attempt's usage)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 async def stream_generation(
-    *, writer: StreamWriter, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float
+    *, writer: StreamWriter, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float,
+    counted: TokenCount | None = None,
 ) -> Outcome:
     """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
     if attempt > 1:  # readers drop what an earlier attempt streamed
@@ -98,13 +112,17 @@ async def stream_generation(
     completion_tokens = 0
     finish_reason = "stop"
     prompt_tokens = len(prepared.prompt_token_ids)
+    counted = counted or TokenCount()
+    counted.prompt_tokens = prompt_tokens
     try:
         async with asyncio.timeout(max(0.0, deadline - time.time())):
             async for output in engine.generate(prepared):
                 completion_tokens += output.tokens
+                counted.completion_tokens = completion_tokens
                 if output.text or output.tokens:
                     parts.append(output.text)
-                    writer.append(job_id, Delta(output.text, output.tokens))
+                    if prepared.stream:
+                        writer.append(job_id, Delta(output.text, output.tokens))
                 if output.finish_reason:
                     finish_reason = output.finish_reason
     except TimeoutError:  # leaving the generator aborts the vLLM request and frees its KV cache
@@ -125,5 +143,5 @@ async def stream_generation(
 
 
 def input_error_outcome(exc: EngineInputError) -> tuple[Failure, Outcome]:
-    failure = Failure(400, "invalid_request_error", "context_length_exceeded", str(exc))
+    failure = Failure(400, "invalid_request_error", exc.code, str(exc))
     return failure, Outcome(status="failed", error={"code": failure.code, "message": failure.message, "retry": False})

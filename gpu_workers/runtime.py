@@ -9,19 +9,24 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
+import orjson
 
 from farm import redis_keys
+from farm.redis_client import redis_connect
 from farm.stream_format import Failure
-from gpu_workers.engine import EngineInputError
+from gpu_workers.adapters import AdapterCache
+from gpu_workers.engine import Engine, EngineInputError
 from gpu_workers.engine_host import EngineHost
+from gpu_workers.engine_pool import EnginePool, NoRoom, SpecLoadFailed
 from gpu_workers.inference import (
     InferenceMessage,
     Outcome,
+    TokenCount,
     input_error_outcome,
     prepare,
     stream_generation,
@@ -33,6 +38,10 @@ log = logging.getLogger(__name__)
 
 # A claim outlives any redelivery window of the broker (visibility timeout), so a duplicate always loses.
 CLAIM_TTL_S = 2 * 3600
+# Window over which the heartbeat's `tokens_per_s` is measured.
+TOKEN_RATE_WINDOW_S = 30.0
+# How long a request for a spec that does not fit beside the busy ones waits for room before it is handed back.
+ROOM_WAIT_S = 30.0
 
 
 @dataclass
@@ -45,6 +54,7 @@ class LoadStats:
     tokens: int = 0
     consecutive_failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _token_samples: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
 
     def begin(self) -> None:
         with self._lock:
@@ -63,10 +73,23 @@ class LoadStats:
                 self.consecutive_failures += 1
             return self.consecutive_failures
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """The figures, with `tokens_per_s`: completion tokens finished over the last `TOKEN_RATE_WINDOW_S`
+        (measured between snapshots, which the heartbeat takes every few seconds)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
+            samples = self._token_samples
+            samples.append((now, self.tokens))
+            while len(samples) > 2 and samples[1][0] <= now - TOKEN_RATE_WINDOW_S:
+                samples.popleft()
+            first_at, first_tokens = samples[0]
+            rate = (self.tokens - first_tokens) / (now - first_at) if now > first_at else 0.0
             return {"running": self.running, "completed": self.completed, "failed": self.failed, "tokens": self.tokens,
-                    "consecutive_failures": self.consecutive_failures}
+                    "consecutive_failures": self.consecutive_failures, "tokens_per_s": round(rate, 2)}
+
+    def reset_failures(self) -> None:
+        with self._lock:
+            self.consecutive_failures = 0
 
 
 @dataclass
@@ -78,16 +101,23 @@ class _InFlight:
 
 class WorkerRuntime:
     def __init__(self, *, worker_id: str, redis_url: str, host: EngineHost, events: JobEventPublisher,
-                 quarantine_after: int = 5) -> None:
+                 quarantine_after: int = 5, engines: EnginePool | None = None) -> None:
         self.worker_id = worker_id
         self.host = host
+        self.engines = engines or EnginePool(configs={}, need_bytes={}, budget_bytes=0, load=host.load,
+                                             unload=lambda name, _: host.unload(name))
         self.events = events
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis_connect(redis_url)
         self.stats = LoadStats()
         self.status = "ready"  # ready | draining | quarantined
         self.quarantine_after = quarantine_after
+        # Hooks set by `gpu_workers.__main__`: stop / start consuming this worker's queues.
         self.on_quarantine: Callable[[], None] | None = None
-        self._inflight: dict[str, _InFlight] = {}
+        self.on_resume: Callable[[], None] | None = None
+        self._shutting_down = False
+        # Keyed by (job id, attempt): a requeued job's next attempt may land here while the previous one is still
+        # being stopped, and the first to end must not unlist the other (the reaper would requeue it again).
+        self._inflight: dict[tuple[str, int], _InFlight] = {}
         self._lock = threading.Lock()
 
     # --- claims and lifecycle -------------------------------------------------------------------------------
@@ -118,40 +148,62 @@ class WorkerRuntime:
 
         self.stats.begin()
         with self._lock:
-            self._inflight[message.job_id] = _InFlight(attempt=message.attempt)
+            self._inflight[(message.job_id, message.attempt)] = _InFlight(attempt=message.attempt)
         send(job_id=message.job_id, attempt=message.attempt, kind="running")
         outcome = Outcome(status="failed", error={"code": "internal_error", "message": "worker error", "retry": True})
         try:
             outcome = self._generate(message)
         finally:
             with self._lock:
-                self._inflight.pop(message.job_id, None)
-            worker_fault = outcome.status == "failed" and bool((outcome.error or {}).get("retry"))
+                self._inflight.pop((message.job_id, message.attempt), None)
+            # A spec that fails to load is the spec's fault (bad args, missing weights), not this worker's: it is
+            # backed off, and must not quarantine a worker that serves its other specs well.
+            error = outcome.error or {}
+            worker_fault = (outcome.status == "failed" and bool(error.get("retry"))
+                            and error.get("code") != "spec_load_failed")
             if self.stats.end(outcome, worker_fault=worker_fault) >= self.quarantine_after:
                 self.quarantine()
             if outcome.status == "requeue":
-                send(job_id=message.job_id, attempt=message.attempt, kind="requeue", reason="worker shutting down")
+                reason = (outcome.error or {}).get("message") or "worker shutting down"
+                send(job_id=message.job_id, attempt=message.attempt, kind="requeue", reason=reason)
             elif outcome.status != "canceled":  # a cancel was already recorded by whoever canceled
                 send(job_id=message.job_id, attempt=message.attempt, kind=outcome.status, **outcome.event_detail())
+            elif outcome.prompt_tokens:  # what the engine did before the abort still counts (`farm.jobs`)
+                send(job_id=message.job_id, attempt=message.attempt, kind="usage",
+                     usage=outcome.event_detail()["usage"])
         return outcome
 
     def _generate(self, message: InferenceMessage) -> Outcome:
-        engine = self.host.engine(message.spec)
-        if engine is None:
+        """Runs the attempt on its spec's engine, loading the spec first if this worker loads it on demand."""
+        if not self.engines.knows(message.spec):
             return Outcome(status="failed", error={"code": "spec_not_loaded", "retry": True,
-                                                   "message": f"{message.spec} is not loaded on {self.worker_id}"})
+                                                   "message": f"{message.spec} is not served by {self.worker_id}"})
+        wait_s = max(0.0, min(ROOM_WAIT_S, message.deadline - time.time()))
+        try:
+            with self.engines.acquire(message.spec, wait_s=wait_s) as engine:
+                return self._generate_on(engine, message)
+        except NoRoom as exc:  # every other spec here is busy: another worker (or this one, later) takes it
+            log.warning("job %s handed back: %s", message.job_id, exc)
+            return Outcome(status="requeue", error={"code": "no_room", "message": str(exc)})
+        except SpecLoadFailed as exc:  # the control plane backs the spec off and retries the job elsewhere
+            return Outcome(status="failed", error={"code": "spec_load_failed", "retry": True, "message": str(exc)})
+
+    def _generate_on(self, engine: Engine, message: InferenceMessage) -> Outcome:
         try:
             prepared = prepare(engine, message)
+            if message.adapter is not None:  # a fine-tuned model: its LoRA adapter over this spec's base
+                prepared = self.adapters.attach(engine, prepared, job_id=message.job_id, adapter=message.adapter)
         except EngineInputError as exc:
             failure, outcome = input_error_outcome(exc)
             self.host.run(write_failure(self.host.redis, message.job_id, failure))
             return outcome
+        counted = TokenCount()
         future = self.host.submit(stream_generation(
             writer=self.host.writer, engine=engine, job_id=message.job_id, attempt=message.attempt, prepared=prepared,
-            deadline=message.deadline,
+            deadline=message.deadline, counted=counted,
         ))
         with self._lock:
-            entry = self._inflight[message.job_id]
+            entry = self._inflight[(message.job_id, message.attempt)]
             entry.future = future
             if entry.stop_reason:  # asked to stop while we were preparing
                 future.cancel()
@@ -160,32 +212,46 @@ class WorkerRuntime:
         except concurrent.futures.CancelledError:
             reason = entry.stop_reason or "canceled"
             log.info("job %s attempt %d stopped: %s", message.job_id, message.attempt, reason)
-            return Outcome(status="requeue" if reason == "handback" else "canceled")
+            if reason == "handback":
+                return Outcome(status="requeue")
+            return Outcome(status="canceled", prompt_tokens=counted.prompt_tokens,
+                           completion_tokens=counted.completion_tokens)
         except Exception as exc:  # engine crash, broker hiccup: transient, the control plane retries elsewhere
             log.exception("job %s failed in the engine", message.job_id)
             return Outcome(status="failed", error={"code": "engine_error", "retry": True,
                                                    "message": f"{exc.__class__.__name__}: {exc}"})
 
+    @property
+    def adapters(self) -> AdapterCache:
+        """The LoRA adapter cache (made on first use: most workers never serve a fine-tuned model)."""
+        cache = getattr(self, "_adapters", None)
+        if cache is None:
+            from gpu_workers import envs
+
+            cache = self._adapters = AdapterCache(api_url=envs.FARM_API_URL, directory=envs.FARM_ADAPTER_DIR)
+        return cache
+
     # --- stopping work ----------------------------------------------------------------------------------------
 
     def stop_job(self, job_id: str, reason: str) -> bool:
-        """Aborts a running job's engine request (frees its KV cache). Thread-safe; True if it was running here."""
+        """Aborts a running job's engine requests, every attempt of it here (frees their KV cache). Thread-safe;
+        True if it was running here."""
         with self._lock:
-            entry = self._inflight.get(job_id)
-            if entry is None:
-                return False
-            entry.stop_reason = entry.stop_reason or reason
-            future = entry.future
-        if future is not None:
+            entries = [entry for (running_id, _), entry in self._inflight.items() if running_id == job_id]
+            for entry in entries:
+                entry.stop_reason = entry.stop_reason or reason
+            futures = [entry.future for entry in entries if entry.future is not None]
+        for future in futures:
             future.cancel()
-        return True
+        return bool(entries)
 
     def running_jobs(self) -> list[str]:
         with self._lock:
-            return list(self._inflight)
+            return sorted({job_id for job_id, _ in self._inflight})
 
     def drain(self, grace_s: float) -> None:
         """Stops taking work; jobs still running after `grace_s` are aborted and handed back to the queue."""
+        self._shutting_down = True
         self.status = "draining"
 
         def hand_back() -> None:
@@ -204,6 +270,54 @@ class WorkerRuntime:
             self.status = "quarantined"
             if self.on_quarantine is not None:
                 self.on_quarantine()
+
+    def apply_control(self, action: str) -> bool:
+        """An operator's command (admin action, via `farm.worker_control`). `drain`: stop taking work and let the
+        running jobs finish; `quarantine`: stop taking work and report unhealthy; `resume`: take work again.
+        Returns whether the status changed; the next heartbeat reports it."""
+        before = self.status
+        if action in ("drain", "quarantine"):
+            target = "draining" if action == "drain" else "quarantined"
+            if before == target:
+                return False
+            self.status = target
+            if before == "ready" and self.on_quarantine is not None:  # both stop consuming; running jobs go on
+                self.on_quarantine()
+        elif action == "resume":
+            if before == "ready" or self._shutting_down:
+                return False
+            self.stats.reset_failures()
+            self.status = "ready"
+            if self.on_resume is not None:
+                self.on_resume()
+        else:
+            log.warning("unknown worker control action %r ignored", action)
+            return False
+        log.warning("operator action %s: %s is now %s (was %s)", action, self.worker_id, self.status, before)
+        return True
+
+    async def listen_for_control(self) -> None:
+        """Runs on the engine loop: drain/quarantine/resume commands addressed to this worker."""
+        while True:
+            try:
+                pubsub = self.host.redis.pubsub()
+                await pubsub.subscribe(redis_keys.WORKER_CONTROL_CHANNEL)
+                async for message in pubsub.listen():
+                    if message["type"] != "message":
+                        continue
+                    try:
+                        command = orjson.loads(message["data"])
+                    except orjson.JSONDecodeError:
+                        log.warning("malformed worker control message ignored: %r", message["data"][:200])
+                        continue
+                    if command.get("worker_id") == self.worker_id:
+                        # Off the loop: the hooks broadcast to Celery (blocking calls).
+                        await asyncio.to_thread(self.apply_control, str(command.get("action")))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restart: resubscribe
+                log.warning("control listener lost Redis (%s); resubscribing", exc)
+                await asyncio.sleep(1.0)
 
     async def listen_for_cancellations(self) -> None:
         """Runs on the engine loop: a cancel published by the control plane aborts the job here within a second."""

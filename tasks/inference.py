@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import shared_task
 
 from farm import queues
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name=queues.INFER_TASK.name, acks_late=True, ignore_result=True)
@@ -15,4 +18,9 @@ def generate(**payload: Any) -> None:
     from gpu_workers import runtime
     from gpu_workers.inference import InferenceMessage
 
-    runtime.current().run_inference(InferenceMessage.from_kwargs(payload))
+    message = InferenceMessage.from_kwargs(payload)
+    log.info("job %s attempt %d received on %s", message.job_id, message.attempt, message.spec)
+    outcome = runtime.current().run_inference(message)
+    if outcome is not None:
+        log.info("job %s attempt %d %s (%d prompt + %d completion tokens)", message.job_id, message.attempt,
+                 outcome.status, outcome.prompt_tokens, outcome.completion_tokens)

@@ -21,7 +21,9 @@ TINY_MODEL = "tiny-llama"
 TINY_SPEC = "tiny-llama-cpu"
 UNSERVED_MODEL = "unserved-model"
 # Eager mode skips torch.compile warm-up: the tiny model then loads in seconds on CPU.
-TINY_ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}
+# LoRA on: fine-tuned `tiny-llama:ft-<id>` models are served by this spec (tests/api/test_fine_tuning.py).
+TINY_ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True, "enable_lora": True, "max_lora_rank": 16,
+                    "max_loras": 2}
 
 
 @dataclass
@@ -31,6 +33,7 @@ class LiveFarm:
     other_api_key: str
     processes: FarmProcesses
     database_url: str
+    worker_metrics_url: str = ""  # worker-1's own /metrics (FARM_WORKER_METRICS_PORT)
 
     @property
     def v1(self) -> str:
@@ -123,15 +126,19 @@ def live_farm(farm_catalog: dict[str, str], tiny_model_dir: Path, tmp_path_facto
     database_url = database_url_for_children()
     farm = FarmProcesses(env=child_env(database_url=database_url, model_dir=tiny_model_dir.parent), log_dir=log_dir)
     port = free_port()
+    farm.env["FARM_API_URL"] = f"http://127.0.0.1:{port}"  # workers fetch job inputs and adapters through the API
     try:
         farm.start("control", processes.control_worker_command())
         farm.start("api", processes.api_command(host="127.0.0.1", port=port))
-        start_worker(farm, name="worker-1", spec=TINY_SPEC)
+        metrics_port = free_port()
+        start_worker(farm, name="worker-1", spec=TINY_SPEC, FARM_WORKER_METRICS_PORT=str(metrics_port),
+                     FARM_WORKER_METRICS_ADDR="127.0.0.1")
         base_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base_url}/readyz"), timeout=60, farm=farm, what="the API")
         wait_for(lambda: spec_served(TINY_SPEC), timeout=240, farm=farm, what="the tiny-model worker")
         yield LiveFarm(base_url=base_url, api_key=farm_catalog["api_key"], other_api_key=farm_catalog["other_api_key"],
-                       processes=farm, database_url=database_url)
+                       processes=farm, database_url=database_url,
+                       worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         farm.stop_all()
         print(f"\nlive farm logs: {log_dir}")

@@ -3,11 +3,13 @@ as real processes sharing the test database and Redis (vLLM's `RemoteOpenAIServe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +77,23 @@ class FarmProcesses:
         """A child's live descendants (a worker's vLLM EngineCore, for instance)."""
         return _descendants(self.children[name])
 
+    @contextlib.contextmanager
+    def engines_paused(self, names: list[str]) -> Iterator[PausedEngines]:
+        """SIGSTOPs the vLLM engine processes of the named workers, resumes them on exit: their requests stay
+        `running` without progress for as long as a test needs, while the workers themselves keep beating,
+        consuming and listening for cancels. Paused before a request is sent, they make a test independent of how
+        fast the tiny model is (it writes ~900 tokens a second)."""
+        found = {name: [p for p in self.descendants(name) if p.name().startswith("VLLM::")] for name in names}
+        missing = {name: [(p.pid, p.name()) for p in self.descendants(name)]
+                   for name, engines in found.items() if not engines}
+        assert not missing, f"no vLLM engine process under {missing}"
+        engines = PausedEngines([p for processes_ in found.values() for p in processes_])
+        engines.suspend()
+        try:
+            yield engines
+        finally:
+            engines.resume()
+
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
@@ -109,14 +128,61 @@ def _kill_leftovers(processes_: list[psutil.Process]) -> None:
             pass
 
 
-def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition") -> None:
+def _status(process: psutil.Process) -> str | None:
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return None
+
+
+@dataclass
+class PausedEngines:
+    processes: list[psutil.Process]
+
+    def suspend(self) -> None:
+        """SIGSTOPs every engine process and waits until the kernel says each one is stopped."""
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        deadline = time.monotonic() + 5
+        while running := [p for p in self.processes if _status(p) not in (psutil.STATUS_STOPPED, None)]:
+            assert time.monotonic() < deadline, f"not stopped: {[(p.pid, p.name(), _status(p)) for p in running]}"
+            time.sleep(0.005)
+
+    def resume(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+
+    def run_until(self, predicate: Callable[[], bool], *, timeout: float, what: str, step_s: float = 0.01,
+                  settle_s: float = 0.25) -> None:
+        """Lets the engines run in short steps until `predicate` holds, and leaves them paused: a job gets its first
+        tokens out, and then cannot finish. Each step runs the engines for `step_s` (a few tokens of the tiny
+        model), then pauses them and polls `predicate` for up to `settle_s`, so a worker that is slow to forward
+        what its engine made (a loaded CI machine) cannot let the engine run on to the end of the job meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.resume()
+            time.sleep(step_s)
+            self.suspend()
+            settled = time.monotonic() + settle_s
+            while time.monotonic() < settled:
+                if predicate():
+                    return
+                time.sleep(0.005)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition",
+             interval: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if farm is not None:
             farm.check_alive()
         if predicate():
             return
-        time.sleep(0.25)
+        time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -139,8 +205,10 @@ def registry_entries(client: redis.Redis) -> dict[str, dict]:
     return {worker_id: orjson.loads(value) for worker_id, value in zip(ids, values, strict=True) if value is not None}
 
 
-def start_worker(farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32) -> subprocess.Popen:
-    return farm.start(name, processes.gpu_worker_command(specs=[spec], worker_id=name, concurrency=concurrency))
+def start_worker(farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32, **extra_env: str
+                 ) -> subprocess.Popen:
+    return farm.start(name, processes.gpu_worker_command(specs=[spec], worker_id=name, concurrency=concurrency),
+                      **extra_env)
 
 
 def child_env(*, database_url: str, model_dir: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -20,6 +21,7 @@ from api.auth import authenticate
 from api.body import json_body, validate
 from api.openai.sampling import SamplingRequest
 from farm import jobs
+from farm.api_keys import KeyPrincipal, api_key_check_request
 from farm.db import run_db
 from farm.errors import FarmError
 from farm.inference import Submission, inference_submit
@@ -27,10 +29,14 @@ from farm.job_streams import job_collect, job_stream_events
 from farm.jobs import job_cancel
 from farm.metrics import TOKENS, TTFT
 from farm.models import JobStatus
+from farm.rate_limits import Reservation, rate_limit_reserve, rate_limit_settle
 from farm.stream_format import Delta, End, Failure, Restart, StreamEvent
 from settings import env
 
 log = logging.getLogger(__name__)
+
+# Statuses a generation request can answer with an OpenAI error body (403, 429: per-key limits).
+GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503, 504)
 
 
 class Shaper(Protocol):
@@ -64,8 +70,16 @@ async def _mark_timed_out(sub: Submission) -> None:
 _background: set[asyncio.Task] = set()
 
 
-def _cancel_abandoned(sub: Submission) -> None:
-    """The client went away mid-stream: cancel its job so the engine stops generating for nobody."""
+@dataclass
+class _Streamed:
+    """Completion tokens sent to the client so far."""
+
+    tokens: int = 0
+
+
+def _cancel_abandoned(sub: Submission, reservation: Reservation, streamed_tokens: int) -> None:
+    """The client went away mid-stream: cancel its job so the engine stops generating for nobody, and give its key
+    back the tokens it reserved and will not use."""
 
     async def cancel() -> None:
         try:
@@ -74,6 +88,10 @@ def _cancel_abandoned(sub: Submission) -> None:
             pass
         except Exception:  # the reaper and the deadline still end the job
             log.warning("could not cancel abandoned job %s", sub.job_id, exc_info=True)
+        try:
+            await rate_limit_settle(reservation, used_tokens=reservation.used_if_abandoned(streamed_tokens))
+        except RedisError as exc:  # the reservation stands: the key is charged its estimate
+            log.warning("could not settle the reservation of abandoned job %s: %s", sub.job_id, exc)
 
     task = asyncio.get_running_loop().create_task(cancel())
     _background.add(task)
@@ -81,12 +99,13 @@ def _cancel_abandoned(sub: Submission) -> None:
 
 
 async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool,
-                        events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+                        events: AsyncIterator[StreamEvent], reservation: Reservation) -> AsyncIterator[bytes]:
+    streamed = _Streamed()
     try:
-        async for chunk in _sse_chunks(sub, shaper, include_usage, events):
+        async for chunk in _sse_chunks(sub, shaper, include_usage, events, reservation, streamed=streamed):
             yield chunk
     except (GeneratorExit, asyncio.CancelledError):  # the client disconnected
-        _cancel_abandoned(sub)
+        _cancel_abandoned(sub, reservation, streamed.tokens)
         raise
     except (RedisError, DatabaseError) as exc:  # the job goes on; this stream cannot
         log.warning("stream of job %s broken: %s", sub.job_id, exc)
@@ -97,7 +116,8 @@ async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool,
 
 
 async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool,
-                      events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+                      events: AsyncIterator[StreamEvent], reservation: Reservation, *,
+                      streamed: _Streamed) -> AsyncIterator[bytes]:
     first = True
     async for event in events:
         if isinstance(event, Restart):
@@ -108,11 +128,13 @@ async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool,
                                   "code": "worker_lost"}})
             break
         if isinstance(event, Delta):
+            streamed.tokens += event.tokens
             yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
                         **({"usage": None} if include_usage else {})})
             first = False
         elif isinstance(event, End):
             TOKENS.labels(model=sub.model).inc(event.completion_tokens)
+            await _settle(reservation, event)
             yield _sse({**shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
                         **({"usage": None} if include_usage else {})})
             if include_usage:
@@ -139,15 +161,51 @@ async def _prepend(head: StreamEvent, rest: AsyncIterator[StreamEvent]) -> Async
         yield event
 
 
+async def _settle(reservation: Reservation, end: End | None) -> None:
+    """Corrects the key's TPM bucket and quota to what the job used (None: it produced nothing)."""
+    try:
+        used = None if end is None else end.prompt_tokens + end.completion_tokens
+        await rate_limit_settle(reservation, used_tokens=used)
+    except RedisError as exc:  # the reservation stands: the key is charged its estimate
+        log.warning("could not settle the rate-limit reservation of key %s: %s", reservation.key_id, exc)
+
+
+def _max_tokens_param(params: SamplingRequest) -> str | None:
+    """The field the client capped its completion with, if any (chat also has `max_completion_tokens`)."""
+    if params.max_tokens is not None:
+        return "max_tokens"
+    return "max_completion_tokens" if getattr(params, "max_completion_tokens", None) is not None else None
+
+
 async def generation_view(request: HttpRequest, schema: type[SamplingRequest], shaper: Shaper) -> HttpResponse:
+    """Key policy (allow-list, max_tokens cap) and rate limits are checked before any job exists; the
+    `x-ratelimit-*` headers of the key's limits go on the response, error or not."""
     started = time.perf_counter()
     principal = await authenticate(request)
     params = validate(schema, json_body(request))
     request.farm_model = params.model  # type: ignore[attr-defined]  (metrics label)
+    job_request = api_key_check_request(policy=principal.policy, model=params.model,
+                                        request=params.job_request(),  # type: ignore[attr-defined]
+                                        max_tokens_param=_max_tokens_param(params))
+    reservation = await rate_limit_reserve(principal=principal, request=job_request)
+    try:
+        response = await _generate(request, params, shaper, principal=principal, job_request=job_request,
+                                   reservation=reservation, started=started)
+    except FarmError as exc:  # refused or failed: give the reserved tokens back (a 5xx outage keeps them: safe side)
+        await _settle(reservation, None)
+        exc.headers = {**reservation.headers, **exc.headers}
+        raise
+    for name, value in reservation.headers.items():
+        response[name] = value
+    return response
+
+
+async def _generate(request: HttpRequest, params: SamplingRequest, shaper: Shaper, *, principal: KeyPrincipal,
+                    job_request: dict[str, Any], reservation: Reservation, started: float) -> HttpResponse:
     sub = await inference_submit(
-        principal=principal, kind=shaper.kind, model_name=params.model,
-        request=params.job_request(),  # type: ignore[attr-defined]
+        principal=principal, kind=shaper.kind, model_name=params.model, request=job_request,
         timeout_s=min(params.timeout or env.FARM_INFERENCE_TIMEOUT_S, env.FARM_INFERENCE_TIMEOUT_S),
+        request_id=getattr(request, "request_id", ""),
     )
     if params.stream:
         # Wait for the first event before answering, so an error that comes before any token (context too long,
@@ -159,8 +217,9 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
                 await _mark_timed_out(sub)
             raise failure_error(head)
         TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
-        response = StreamingHttpResponse(_event_stream(sub, shaper, params.include_usage, _prepend(head, events)),
-                                         content_type="text/event-stream")
+        response = StreamingHttpResponse(
+            _event_stream(sub, shaper, params.include_usage, _prepend(head, events), reservation),
+            content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
@@ -170,4 +229,5 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
             await _mark_timed_out(sub)
         raise failure_error(final)
     TOKENS.labels(model=sub.model).inc(final.completion_tokens)
+    await _settle(reservation, final)
     return JsonResponse({**shaper.body(sub, text=text, finish_reason=final.finish_reason), "usage": usage(final)})

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 MAX_TOKENS_CAP = 1_000_000
+# OpenAI's seed is a 64-bit integer; larger ones cannot reach the engine's generator.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# JSON Schema of "no NUL character": PostgreSQL cannot store U+0000 in a job's request, and no prompt needs one.
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL characters (\\u0000) are not allowed.")
+    return value
+
+
+# Text the API accepts anywhere in a request: any string without NUL characters.
+Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
+# An integer as JSON Schema means it: `8` or `8.0`, never `"8"` or `8.5` (strict mode otherwise refuses `8.0`).
+# Put it after `Field(ge=..., le=...)` in `Annotated[int, ...]`: before them, pydantic documents `ge`/`le` verbatim.
+INTEGRAL = BeforeValidator(_integral)
 
 
 class StreamOptions(BaseModel):
@@ -19,16 +42,21 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: Annotated[str, Field(min_length=1, max_length=200)]
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    model: Annotated[Text, Field(min_length=1, max_length=200)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP), INTEGRAL] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # Validators below keep OpenAI-style messages; `WithJsonSchema` says the same thing in the OpenAPI document.
+    n: Annotated[int | None, INTEGRAL, WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema({"anyOf": [
+        {"type": "string", "pattern": NO_NUL_PATTERN},
+        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1, "pattern": NO_NUL_PATTERN}},
+        {"type": "null"},
+    ]})] = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]), INTEGRAL] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     # vLLM extension, used by benchmarks for fixed output lengths.
@@ -50,6 +78,8 @@ class SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed.")
         if isinstance(value, list) and any(not s for s in value):
             raise ValueError("stop sequences must not be empty.")
+        for text in [value] if isinstance(value, str) else value or []:
+            _no_nul(text)
         return value
 
     def sampling_payload(self) -> dict[str, Any]:
@@ -63,6 +93,10 @@ class SamplingRequest(BaseModel):
             payload["stop"] = self.stop
         if self.seed is not None:
             payload["seed"] = self.seed
+        if self.presence_penalty:
+            payload["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            payload["frequency_penalty"] = self.frequency_penalty
         if self.ignore_eos:
             payload["ignore_eos"] = True
         return payload
@@ -70,3 +104,11 @@ class SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TokenUsage(BaseModel):
+    """Token counts of one request, from the model's tokenizer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

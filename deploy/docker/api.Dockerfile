@@ -10,6 +10,7 @@ COPY farm farm
 COPY settings settings
 COPY tasks tasks
 COPY deploy/models deploy/models
+COPY deploy/k8s/models.yaml deploy/k8s/models.yaml
 RUN useradd --uid 10001 farm
 USER farm
 EXPOSE 8000

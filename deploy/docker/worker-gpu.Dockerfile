@@ -3,7 +3,7 @@ FROM vllm/vllm-openai:latest
 ENV PYTHONUNBUFFERED=1 FARM_MODEL_DIR=/models
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+RUN pip install -r requirements.txt peft  # peft: LoRA fine-tuning on training workers (`--train gpu-80gb`)
 COPY farm farm
 COPY gpu_workers gpu_workers
 COPY tasks tasks

@@ -46,6 +46,19 @@ def test_same_seed_gives_same_text_and_greedy_is_deterministic(openai_client):
     assert ask(temperature=0) == ask(temperature=0)
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(openai_client):
+    """Greedy output of the tiny random model repeats tokens; a penalty on repeats must change it."""
+    def ask(**kwargs):
+        response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=40,
+                                                         temperature=0, extra_body={"ignore_eos": True}, **kwargs)
+        return response.choices[0].message.content
+
+    plain = ask()
+    assert ask(frequency_penalty=0) == plain
+    assert ask(frequency_penalty=2.0) != plain
+    assert ask(presence_penalty=2.0) != plain
+
+
 def test_stream_matches_non_stream_and_ends_with_usage(openai_client):
     kwargs = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 9, "temperature": 0,
               "extra_body": {"ignore_eos": True}}

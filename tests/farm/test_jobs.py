@@ -17,6 +17,7 @@ from django.utils import timezone
 from farm import queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import Conflict, NotFound
+from farm.job_streams import job_stream_append
 from farm.jobs import job_apply_event, job_cancel, job_create, job_is_terminal
 from farm.models import TERMINAL_STATUSES, Job, JobEvent, JobKind, JobStatus
 from farm.redis_client import sync_redis
@@ -94,12 +95,32 @@ def test_final_failure_keeps_its_error(job: Job) -> None:
     assert (job.status, job.error, job.result, job.attempt) == (JobStatus.FAILED, error, None, 1)
 
 
-@pytest.mark.parametrize("kind", TERMINAL_STATUSES)
+@pytest.mark.parametrize("kind", [status for status in TERMINAL_STATUSES if status != JobStatus.SUCCEEDED])
 def test_queued_job_may_end_without_running(job: Job, kind: str) -> None:
     assert apply(job, kind, worker_id="")
     job.refresh_from_db()
     assert job.status == kind
     assert job.started_at is None and job.finished_at is not None
+    assert events(job) == [(kind, 1, "")]
+
+
+def test_a_success_that_overtakes_its_running_event_records_both_in_order(job: Job) -> None:
+    """Both events are control messages applied by concurrent threads: a short attempt's outcome can land first."""
+    assert apply(job, JobStatus.SUCCEEDED, worker_id="w1", result=RESULT, usage=USAGE)
+    job.refresh_from_db()
+    assert (job.status, job.worker_id, job.result) == (JobStatus.SUCCEEDED, "w1", RESULT)
+    assert job.started_at is not None and job.finished_at >= job.started_at
+    assert events(job) == [(JobStatus.RUNNING, 1, "w1"), (JobStatus.SUCCEEDED, 1, "w1")]
+
+    assert not apply(job, JobStatus.RUNNING, worker_id="w1")  # the late message itself: a no-op
+    assert events(job) == [(JobStatus.RUNNING, 1, "w1"), (JobStatus.SUCCEEDED, 1, "w1")]
+
+
+def test_a_success_of_a_stale_attempt_infers_nothing(job: Job) -> None:
+    assert not apply(job, JobStatus.SUCCEEDED, attempt=2, result=RESULT, usage=USAGE)
+    job.refresh_from_db()
+    assert (job.status, job.started_at) == (JobStatus.QUEUED, None)
+    assert events(job) == []
 
 
 # Duplicates, late and stale events ---------------------------------------------------------------------------------
@@ -115,11 +136,12 @@ def test_duplicate_running_is_a_noop_and_keeps_the_first_worker(job: Job) -> Non
 
 
 def test_late_running_after_the_end_does_not_reopen_the_job(job: Job) -> None:
-    assert apply(job, JobStatus.SUCCEEDED, result=RESULT, usage=USAGE)
+    assert apply(job, JobStatus.RUNNING, worker_id="w1")
+    assert apply(job, JobStatus.FAILED, error={"code": "bad_input", "retry": False})
     assert not apply(job, JobStatus.RUNNING, worker_id="w2")
     job.refresh_from_db()
-    assert (job.status, job.worker_id, job.result) == (JobStatus.SUCCEEDED, "", RESULT)
-    assert events(job) == [(JobStatus.SUCCEEDED, 1, "w1")]
+    assert (job.status, job.worker_id) == (JobStatus.FAILED, "w1")
+    assert events(job) == [(JobStatus.RUNNING, 1, "w1"), (JobStatus.FAILED, 1, "w1")]
 
 
 @pytest.mark.parametrize("terminal", TERMINAL_STATUSES)
@@ -252,3 +274,42 @@ def test_cancel_of_another_owners_job_is_not_found(job: Job) -> None:
 
 def test_job_is_terminal() -> None:
     assert [s for s in JobStatus if job_is_terminal(s)] == list(TERMINAL_STATUSES)
+
+
+@pytest.mark.parametrize("row_status", [JobStatus.RUNNING, JobStatus.QUEUED])
+def test_cancel_after_the_worker_answered_is_a_conflict(job: Job, row_status: str) -> None:
+    """The worker wrote the final event (the client has its answer) but its `succeeded` event, and even its
+    `running` one (they travel together when the job is short), are still on the control queue: a cancel now must
+    not turn an answered job into a canceled one."""
+    if row_status == JobStatus.RUNNING:
+        assert apply(job, JobStatus.RUNNING)
+    job_stream_append(str(job.pk), stream_format.End(finish_reason="stop", prompt_tokens=5, completion_tokens=3))
+    with pytest.raises(Conflict):
+        job_cancel(job_id=str(job.pk), owner_id=job.owner_id)
+    assert apply(job, JobStatus.SUCCEEDED, usage=USAGE, result=RESULT)
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED
+
+
+# Coalesced events (one control message) ---------------------------------------------------------------------------
+
+
+def test_coalesced_events_apply_in_order_in_one_message(job: Job, django_capture_on_commit_callbacks) -> None:
+    from farm.jobs import job_apply_events
+
+    base = {"job_id": str(job.pk), "attempt": 1, "worker_id": "w1"}
+    retried: list[dict[str, Any]] = []
+    broken = {**base, "kind": JobStatus.RUNNING, "unexpected": "field"}  # job_apply_event raises TypeError
+    with django_capture_on_commit_callbacks(execute=True):
+        moved = job_apply_events(events=[
+            {**base, "kind": JobStatus.RUNNING, "detail": {}},
+            broken,
+            {**base, "kind": "progress", "detail": {"step": 1}},
+            {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},
+            {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},  # a duplicate
+        ], apply_alone=retried.append)
+    assert moved == 3
+    assert retried == [broken]  # handed on alone; the others landed
+    job.refresh_from_db()
+    assert (job.status, job.result) == (JobStatus.SUCCEEDED, RESULT)
+    assert [kind for kind, _, _ in events(job)] == [JobStatus.RUNNING, "progress", JobStatus.SUCCEEDED]

@@ -7,8 +7,9 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse
 
 from api.errors import openai_endpoint
-from api.openai.chat.schema import ChatCompletionRequest
-from api.openai.generation import generation_view
+from api.openai.chat.schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from api.openai.generation import GENERATION_ERRORS, generation_view
+from api.schema import EventStream, Response, operation
 from farm.inference import Submission
 from farm.models import JobKind
 
@@ -36,6 +37,14 @@ class ChatShaper:
 _shaper = ChatShaper()
 
 
+@operation(
+    method="POST", operation_id="createChatCompletion", summary="Create a chat completion", tags=("OpenAI",),
+    request=ChatCompletionRequest, errors=GENERATION_ERRORS,
+    responses={200: Response("The completion; with `stream: true`, server-sent events of chunks ending with "
+                             "`data: [DONE]`.",
+                             {"application/json": ChatCompletion,
+                              "text/event-stream": EventStream(ChatCompletionChunk)})},
+)
 @openai_endpoint("POST")
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await generation_view(request, ChatCompletionRequest, _shaper)

@@ -7,8 +7,9 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse
 
 from api.errors import openai_endpoint
-from api.openai.completions.schema import CompletionRequest
-from api.openai.generation import generation_view
+from api.openai.completions.schema import Completion, CompletionRequest
+from api.openai.generation import GENERATION_ERRORS, generation_view
+from api.schema import EventStream, Response, operation
 from farm.inference import Submission
 from farm.models import JobKind
 
@@ -28,6 +29,13 @@ class CompletionShaper:
 _shaper = CompletionShaper()
 
 
+@operation(
+    method="POST", operation_id="createCompletion", summary="Create a text completion (legacy)", tags=("OpenAI",),
+    request=CompletionRequest, errors=GENERATION_ERRORS,
+    responses={200: Response("The completion; with `stream: true`, server-sent events of completion chunks ending "
+                             "with `data: [DONE]`.",
+                             {"application/json": Completion, "text/event-stream": EventStream(Completion)})},
+)
 @openai_endpoint("POST")
 async def completions(request: HttpRequest) -> HttpResponse:
     return await generation_view(request, CompletionRequest, _shaper)

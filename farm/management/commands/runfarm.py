@@ -54,6 +54,8 @@ class Command(BaseCommand):
         parser.add_argument("--worker-spec", action="append", default=None,
                             help=f"spec(s) the local worker serves (default: {DEMO_SPEC}); 'none' for no worker")
         parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
+        parser.add_argument("--no-trainer", action="store_true",
+                            help="do not start the CPU training worker (fine-tuning and eval-loss jobs, train.cpu)")
         parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes (default 1)")
         parser.add_argument("--startup-timeout", type=float, default=600.0)
 
@@ -63,6 +65,8 @@ class Command(BaseCommand):
         logs.mkdir(parents=True, exist_ok=True)
         child_env = dict(os.environ, REDIS_URL=env.REDIS_URL, FARM_MODEL_DIR=str(env.FARM_MODEL_DIR),
                          PYTHONUNBUFFERED="1")
+        # Workers fetch job inputs and LoRA adapters through the API (gpu_workers/envs.py).
+        child_env.setdefault("FARM_API_URL", f"http://{env.FARM_HOST}:{env.FARM_PORT}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             if not env.REDIS_URL_IS_SET:
@@ -91,6 +95,9 @@ class Command(BaseCommand):
             if specs:
                 self.spawn("worker", processes.gpu_worker_command(specs=specs, worker_id="local-cpu-0"), logs,
                            child_env)
+            if not options["no_trainer"]:
+                self.spawn("trainer", processes.training_worker_command(classes=["cpu"], worker_id="local-trainer-0"),
+                           logs, child_env)
             self.wait_ready(specs, options["startup_timeout"], logs)
             self.banner(key, logs)
             self.supervise()

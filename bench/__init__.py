@@ -1,0 +1,1 @@
+"""Benchmarks of the farm's serving path (`python -m bench.throughput --help`)."""

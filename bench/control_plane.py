@@ -1,0 +1,317 @@
+"""Control-plane benchmark: the farm's own cost per request, with the engine's cost taken out.
+
+A private farm (`bench.private_farm`: own SQLite, embedded Valkey, API, control worker, one worker) whose worker
+serves the spec with the zero-cost engine (`FARM_NULL_ENGINE=1`, `gpu_workers/null_engine.py`): every token is
+free, so what is left is the farm's path: HTTP + auth + validation + routing, the job row, the Celery publish, the
+worker's claim and events, the Redis token stream, SSE.
+
+Phases:
+  sweep    closed-loop load at each --concurrency, streaming and not: requests/s, end-to-end latency p50/p99,
+           and per-hop latency from timestamps the farm already records:
+             api    client send -> job row created (auth, validation, routing, DB insert)
+             queue  job row -> first token in the job's Redis stream (commit, publish, broker, worker receive,
+                    claim, engine submit, first write; the stream entry id is Redis' own clock in ms)
+             out    first token in Redis -> first content byte at the client (XREAD, SSE)
+  streams  --open-streams N concurrent SSE streams held open on ONE API process (the null engine emits a token
+           every --token-interval s): errors, and the API process' peak RSS.
+
+Output: a table per phase and bench/results/control-plane-<UTC>.json.
+
+Examples:
+  .venv/bin/python -m bench.control_plane                         # default sweep + 1,000 open streams
+  .venv/bin/python -m bench.control_plane --concurrency 1,64 --requests 200 --open-streams 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+
+from bench.arms import free_port, http_status
+from bench.private_farm import PrivateFarm, fresh_database
+from bench.report import percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,8,32,64,128,256", help="sweep levels (default %(default)s)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="requests per level and mode (default: max(100, 4 x concurrency))")
+    parser.add_argument("--output-tokens", type=int, default=16, help="tokens per response (default %(default)s)")
+    parser.add_argument("--modes", default="stream,json", help="stream, json or both (default %(default)s)")
+    parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once; 0 skips")
+    parser.add_argument("--stream-tokens", type=int, default=40, help="tokens per held-open stream")
+    parser.add_argument("--token-interval", type=float, default=0.25,
+                        help="seconds between tokens of a held-open stream (default %(default)s)")
+    parser.add_argument("--worker-concurrency", type=int, default=1100,
+                        help="worker threads: at least --open-streams (default %(default)s)")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="run the farm on fresh databases of this PostgreSQL server (e.g. "
+                        "postgres://postgres@127.0.0.1:5432/postgres), created and dropped by the bench; default: "
+                        "SQLite (as `make run`)")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Timed:
+    sent: float  # time.time() at send
+    job_id: str | None
+    first_byte: float | None  # time.time() of the first content chunk (stream) or of the body (json)
+    done: float
+    error: str | None = None
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str, model: str) -> None:
+        self.url = f"{base_url}/v1/chat/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
+
+    async def send(self, *, stream: bool, max_tokens: int) -> Timed:
+        body = orjson.dumps({"model": self.model, "max_tokens": max_tokens, "stream": stream,
+                             "messages": [{"role": "user", "content": f"bench {uuid.uuid4().hex}"}]})
+        sent = time.time()
+        job_id = first = None
+        try:
+            async with self.session.post(self.url, data=body, headers=self.headers) as response:
+                if response.status != 200:
+                    return Timed(sent, None, None, time.time(), f"HTTP {response.status}")
+                if not stream:
+                    payload = orjson.loads(await response.read())
+                    now = time.time()
+                    return Timed(sent, payload["id"].removeprefix("chatcmpl-"), now, now)
+                async for line in response.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = orjson.loads(line[6:])
+                    if "error" in chunk:
+                        return Timed(sent, job_id, first, time.time(), f"stream error {chunk['error']['code']}")
+                    job_id = job_id or chunk["id"].removeprefix("chatcmpl-")
+                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.time()
+            return Timed(sent, job_id, first, time.time())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return Timed(sent, job_id, first, time.time(), f"{exc.__class__.__name__}: {exc}"[:200])
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def closed_loop(client: Client, *, concurrency: int, requests: int, stream: bool,
+                      max_tokens: int) -> tuple[list[Timed], float]:
+    left = requests
+    results: list[Timed] = []
+
+    async def one_client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            results.append(await client.send(stream=stream, max_tokens=max_tokens))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+def job_created_at(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
+    """job id -> epoch seconds of its row's creation (the farm's SQLite or PostgreSQL database)."""
+    database_url = farm.env()["DATABASE_URL"]
+    if not database_url.startswith("sqlite:///"):
+        import psycopg
+
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT id, created_at FROM farm_job WHERE id = ANY(%s)",
+                                ([uuid.UUID(j) for j in job_ids],)).fetchall()
+        return {str(row[0]): row[1].timestamp() for row in rows}
+    with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+        rows = db.execute(f"SELECT id, created_at FROM farm_job WHERE id IN ({','.join('?' * len(job_ids))})",
+                          [uuid.UUID(j).hex for j in job_ids]).fetchall()
+    return {str(uuid.UUID(row[0])): datetime.fromisoformat(row[1]).replace(tzinfo=UTC).timestamp() for row in rows}
+
+
+def first_token_in_redis(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
+    """job id -> epoch seconds of the first entry of its token stream (Redis stream ids are ms timestamps)."""
+    import redis
+
+    client = redis.Redis(port=farm.redis_port)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.xrange(f"farm:job:{job_id}:stream", count=1)
+        replies = pipe.execute()
+    return {job_id: int(reply[0][0].split(b"-")[0]) / 1000 for job_id, reply in zip(job_ids, replies, strict=True)
+            if reply}
+
+
+def ms(values: list[float], q: float) -> float | None:
+    value = percentile(values, q)
+    return None if value is None else round(value * 1000, 2)
+
+
+def level_figures(farm: PrivateFarm, results: list[Timed], elapsed: float) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None and r.job_id]
+    ids = [r.job_id for r in ok if r.job_id]
+    created = job_created_at(farm, ids)
+    first_token = first_token_in_redis(farm, ids)
+    hops: dict[str, list[float]] = {"api": [], "queue": [], "out": []}
+    for r in ok:
+        c, t = created.get(r.job_id or ""), first_token.get(r.job_id or "")
+        if c is None or t is None or r.first_byte is None:
+            continue
+        hops["api"].append(c - r.sent)
+        hops["queue"].append(t - c)
+        hops["out"].append(r.first_byte - t)
+    latency = [r.done - r.sent for r in ok]
+    return {
+        "requests": len(results), "errors": len(results) - len(ok),
+        "first_errors": sorted({r.error for r in results if r.error})[:3],
+        "requests_per_s": round(len(ok) / elapsed, 1), "latency_p50_ms": ms(latency, 50),
+        "latency_p99_ms": ms(latency, 99),
+        **{f"{hop}_p50_ms": ms(values, 50) for hop, values in hops.items()},
+        **{f"{hop}_p99_ms": ms(values, 99) for hop, values in hops.items()},
+    }
+
+
+async def open_streams(farm: PrivateFarm, client: Client, *, count: int, tokens: int) -> dict[str, Any]:
+    """`count` streams at once on the one API process; samples its RSS while they are open."""
+    api = psutil.Process(farm.children["api"].pid)
+    peak = api.memory_info().rss
+    before = peak
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, api.memory_info().rss)
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    started = time.perf_counter()
+    results = await asyncio.gather(*(client.send(stream=True, max_tokens=tokens) for _ in range(count)))
+    elapsed = time.perf_counter() - started
+    done.set()
+    await sampler
+    errors = [r.error for r in results if r.error]
+    return {"streams": count, "errors": len(errors), "first_errors": sorted(set(errors))[:3],
+            "elapsed_s": round(elapsed, 1), "api_rss_before_mib": round(before / 2**20, 1),
+            "api_rss_peak_mib": round(peak / 2**20, 1),
+            "latency_p50_s": round(percentile([r.done - r.sent for r in results], 50) or 0, 2)}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    model_dir = ROOT / ".farm" / "bench-null-model"  # the null engine reads no weights; the farm wants a path
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / ".farm-ready").write_text('{"note": "null engine: no weights"}\n')
+    home = Path(tempfile.mkdtemp(prefix="farm-control-plane-"))
+    drops: list[Callable[[], None]] = []
+
+    def database_env(label: str) -> dict[str, str]:
+        if not args.postgres:
+            return {}
+        url, drop = fresh_database(args.postgres, label)
+        drops.append(drop)
+        return {"DATABASE_URL": url}
+
+    farm = PrivateFarm(home=home, model_dir=model_dir, engine_args={}, port=free_port(), redis_port=free_port(),
+                       worker_concurrency=max(args.worker_concurrency, args.open_streams),
+                       extra_env={"FARM_NULL_ENGINE": "1", "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": "0",
+                                  **database_env("control_plane")})
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sweep": [], "streams": None}
+    print(f"starting a private farm in {home} (null engine) ...", flush=True)
+    farm.start()
+    client: Client | None = None
+    try:
+        while await http_status(f"{farm.base_url}/readyz") != 200:
+            farm.check_alive()
+            await asyncio.sleep(0.5)
+        client = Client(farm.base_url, farm.api_key, farm.model_name)
+        while (await client.send(stream=False, max_tokens=1)).error:
+            farm.check_alive()
+            await asyncio.sleep(0.5)
+        await closed_loop(client, concurrency=16, requests=100, stream=True, max_tokens=args.output_tokens)  # warm
+        for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
+            for mode in args.modes.split(","):
+                requests = args.requests or max(100, 4 * concurrency)
+                timed, elapsed = await closed_loop(client, concurrency=concurrency, requests=requests,
+                                                   stream=mode == "stream", max_tokens=args.output_tokens)
+                figures = {"concurrency": concurrency, "mode": mode, **level_figures(farm, timed, elapsed)}
+                results["sweep"].append(figures)
+                print(json.dumps(figures), flush=True)
+        if args.open_streams:
+            await client.close()
+            farm.stop()
+            farm = PrivateFarm(home=Path(tempfile.mkdtemp(prefix="farm-streams-")), model_dir=model_dir,
+                               engine_args={}, port=free_port(), redis_port=free_port(),
+                               worker_concurrency=max(args.worker_concurrency, args.open_streams),
+                               extra_env={"FARM_NULL_ENGINE": "1",
+                                          "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": str(args.token_interval),
+                                          **database_env("streams")})
+            print(f"restarting with a {args.token_interval}s token interval for {args.open_streams} open streams",
+                  flush=True)
+            farm.start()
+            while await http_status(f"{farm.base_url}/readyz") != 200:
+                farm.check_alive()
+                await asyncio.sleep(0.5)
+            client = Client(farm.base_url, farm.api_key, farm.model_name)
+            while (await client.send(stream=False, max_tokens=1)).error:
+                farm.check_alive()
+                await asyncio.sleep(0.5)
+            results["streams"] = await open_streams(farm, client, count=args.open_streams, tokens=args.stream_tokens)
+            print(json.dumps(results["streams"]), flush=True)
+    finally:
+        if client is not None:
+            await client.close()
+        farm.stop()
+        for drop in drops:
+            drop()
+    results["database"] = "postgresql" if args.postgres else "sqlite"
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    cols = ["concurrency", "mode", "requests_per_s", "errors", "latency_p50_ms", "latency_p99_ms", "api_p50_ms",
+            "api_p99_ms", "queue_p50_ms", "queue_p99_ms", "out_p50_ms", "out_p99_ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row.get(c)) for c in cols) + " |" for row in results["sweep"]]
+    if results["streams"]:
+        lines += ["", "| open streams | errors | API RSS before MiB | API RSS peak MiB | wall s |",
+                  "|---|---|---|---|---|",
+                  "| {streams} | {errors} | {api_rss_before_mib} | {api_rss_peak_mib} | {elapsed_s} |".format(
+                      **results["streams"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    results = asyncio.run(run(args))
+    results["machine"] = {"cpus": psutil.cpu_count(), "load_after": list(psutil.getloadavg())}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"control-plane-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Shared routing state in Redis, so every API process sees the same: per-spec failure back-off, and queue depths.
+
+Back-off: the control plane records a spec's failures (a worker-side retryable failure, a worker that died with the
+job); each failure sets `until = now + BackoffPolicy.delay_s(failures)` in one hash that the API reads (cached for
+`_BACKOFF_CACHE_S`) and `farm.routing.route_request` honours. Queue depths (LLEN of `infer.<spec>`) are read only
+when a model's replicas are all saturated, and cached for `_DEPTH_CACHE_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from farm import queues, redis_keys
+from farm.redis_client import async_redis, sync_redis
+from farm.routing import BACKOFF_POLICY, BackoffPolicy
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_CACHE_S = 0.5
+_DEPTH_CACHE_S = 0.25
+
+_backoffs: tuple[float, dict[str, float]] = (0.0, {})
+_depths: dict[str, tuple[float, int]] = {}
+
+
+def spec_failure_record(
+    *, spec: str, reason: str, now: float | None = None, policy: BackoffPolicy = BACKOFF_POLICY
+) -> float:
+    """Counts one failure of `spec` and backs it off for the policy's delay; returns the epoch it ends at."""
+    now = time.time() if now is None else now
+    client = sync_redis()
+    counter = redis_keys.spec_failures(spec)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.incr(counter)
+        pipe.expire(counter, int(policy.reset_after_s))
+        failures = int(pipe.execute()[0])
+    until = now + policy.delay_s(failures)
+    client.hset(redis_keys.SPEC_BACKOFF, spec, until)
+    log.warning("spec %s failed (%s): failure %d, backed off for %.1fs", spec, reason, failures, until - now)
+    return until
+
+
+def spec_backoff_clear(*, spec: str | None = None) -> None:
+    """Forgets a spec's failures (or every spec's): an operator fixed it."""
+    client = sync_redis()
+    if spec is None:
+        names = [name.decode() for name in client.hkeys(redis_keys.SPEC_BACKOFF)]
+        client.delete(redis_keys.SPEC_BACKOFF, *[redis_keys.spec_failures(name) for name in names])
+    else:
+        client.hdel(redis_keys.SPEC_BACKOFF, spec)
+        client.delete(redis_keys.spec_failures(spec))
+    backoffs_invalidate()
+
+
+def spec_backoffs_sync() -> dict[str, float]:
+    """spec -> back-off end (epoch seconds), for the control plane."""
+    raw = sync_redis().hgetall(redis_keys.SPEC_BACKOFF)
+    return {name.decode(): float(until) for name, until in raw.items()}
+
+
+async def spec_backoffs() -> dict[str, float]:
+    """spec -> back-off end (epoch seconds); one HGETALL per process every `_BACKOFF_CACHE_S`."""
+    global _backoffs
+    expires, values = _backoffs
+    if expires > time.monotonic():
+        return values
+    raw = await async_redis().hgetall(redis_keys.SPEC_BACKOFF)
+    values = {name.decode(): float(until) for name, until in raw.items()}
+    _backoffs = (time.monotonic() + _BACKOFF_CACHE_S, values)
+    return values
+
+
+def backoffs_invalidate() -> None:
+    global _backoffs
+    _backoffs = (0.0, {})
+    _depths.clear()
+
+
+async def queue_depths(specs: list[str]) -> dict[str, int]:
+    """Messages waiting in each spec's `infer.<spec>` queue (Celery's Redis list), cached briefly per spec."""
+    now = time.monotonic()
+    missing = [spec for spec in specs if _depths.get(spec, (0.0, 0))[0] <= now]
+    if missing:
+        async with async_redis().pipeline(transaction=False) as pipe:
+            for spec in missing:
+                pipe.llen(queues.infer_queue(spec))
+            lengths = await pipe.execute()
+        for spec, length in zip(missing, lengths, strict=True):
+            _depths[spec] = (now + _DEPTH_CACHE_S, int(length))
+    return {spec: _depths[spec][1] for spec in specs}
+
+
+def queue_depths_sync(specs: list[str]) -> dict[str, int]:
+    """Uncached queue depths, for the control plane and metrics."""
+    with sync_redis().pipeline(transaction=False) as pipe:
+        for spec in specs:
+            pipe.llen(queues.infer_queue(spec))
+        return {spec: int(length) for spec, length in zip(specs, pipe.execute(), strict=True)}

@@ -1,0 +1,121 @@
+"""The reaper (`farm.reaper.jobs_reap`) on the real database and Redis: silent workers lose their jobs, a live
+worker's job whose outcome event is still on its way is left alone for a lease, expired queued jobs time out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import orjson
+import pytest
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from farm import queues, redis_keys
+from farm.catalog import model_upsert, spec_upsert
+from farm.jobs import job_apply_event, job_create
+from farm.models import Job, JobKind, JobStatus
+from farm.reaper import jobs_reap
+from farm.redis_client import sync_redis
+
+pytestmark = pytest.mark.django_db
+
+SPEC = "reaper-test-spec"
+LEASE_S = 5.0
+
+
+@pytest.fixture
+def running_job() -> Iterator[Job]:
+    """A job that worker `w-live` reported running a lease ago."""
+    client = sync_redis()
+    client.delete(redis_keys.REAPER_SUSPECTS, queues.infer_queue(SPEC))
+    owner = get_user_model().objects.create(username="reaper-owner")
+    model = model_upsert(name="reaper-test-model")
+    spec = spec_upsert(model=model, name=SPEC, engine="vllm-cpu")
+    job = job_create(
+        owner_id=owner.pk,
+        api_key_id=None,
+        kind=JobKind.CHAT,
+        model_id=model.pk,
+        spec_id=spec.pk,
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline_at=timezone.now() + timedelta(minutes=5),
+    )
+    assert job_apply_event(job_id=str(job.pk), attempt=1, kind=JobStatus.RUNNING, worker_id="w-live", detail={})
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=2 * LEASE_S))
+    yield job
+    client.delete(redis_keys.REAPER_SUSPECTS, queues.infer_queue(SPEC), redis_keys.worker("w-live"))
+    client.srem(redis_keys.WORKERS_SET, "w-live")
+
+
+def advertise(worker_id: str, running_jobs: list[str]) -> None:
+    client = sync_redis()
+    entry = {
+        "worker_id": worker_id,
+        "ts": time.time(),
+        "specs": [SPEC],
+        "status": "ready",
+        "running_jobs": running_jobs,
+        "load": {"running": len(running_jobs), "capacity": 4},
+    }
+    client.set(redis_keys.worker(worker_id), orjson.dumps(entry), ex=30)
+    client.sadd(redis_keys.WORKERS_SET, worker_id)
+
+
+def test_a_live_worker_that_still_runs_the_job_keeps_it(running_job: Job) -> None:
+    advertise("w-live", [str(running_job.pk)])
+    report = jobs_reap(lease_s=LEASE_S)
+    assert str(running_job.pk) not in report.requeued + report.failed
+    running_job.refresh_from_db()
+    assert (running_job.status, running_job.attempt) == (JobStatus.RUNNING, 1)
+
+
+def test_an_outcome_on_its_way_is_not_mistaken_for_a_lost_one(running_job: Job) -> None:
+    """The worker finished (it no longer lists the job) but the control worker has not applied the outcome yet: the
+    first sighting only marks the job; it is requeued a lease later if the outcome never came."""
+    advertise("w-live", [])
+    assert jobs_reap(lease_s=LEASE_S).requeued == []
+    running_job.refresh_from_db()
+    assert running_job.status == JobStatus.RUNNING
+    marked = sync_redis().hget(redis_keys.REAPER_SUSPECTS, f"{running_job.pk}:1")
+    assert marked is not None and abs(float(marked) - time.time()) < 5
+
+    # The outcome arrives in time: the job ends once, and the mark is dropped at the next run.
+    assert job_apply_event(
+        job_id=str(running_job.pk),
+        attempt=1,
+        kind=JobStatus.SUCCEEDED,
+        worker_id="w-live",
+        detail={"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+    )
+    assert jobs_reap(lease_s=LEASE_S).requeued == []
+    assert sync_redis().hlen(redis_keys.REAPER_SUSPECTS) == 0
+
+
+def test_an_outcome_lost_for_a_whole_lease_requeues_the_job(running_job: Job) -> None:
+    advertise("w-live", [])
+    jobs_reap(lease_s=LEASE_S)
+    sync_redis().hset(redis_keys.REAPER_SUSPECTS, f"{running_job.pk}:1", time.time() - LEASE_S - 1)
+    report = jobs_reap(lease_s=LEASE_S)
+    assert report.requeued == [str(running_job.pk)]
+    running_job.refresh_from_db()
+    assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
+    assert sync_redis().llen(queues.infer_queue(SPEC)) == 1  # attempt 2 published
+
+
+def test_a_silent_worker_loses_its_job(running_job: Job) -> None:
+    """No registry entry and not seen for a lease: requeued at once, no grace needed."""
+    report = jobs_reap(lease_s=LEASE_S)
+    assert report.requeued == [str(running_job.pk)]
+    running_job.refresh_from_db()
+    assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
+
+
+def test_a_queued_job_past_its_deadline_times_out(running_job: Job) -> None:
+    advertise("w-live", [str(running_job.pk)])
+    Job.objects.filter(pk=running_job.pk).update(status=JobStatus.QUEUED, deadline_at=timezone.now())
+    report = jobs_reap(lease_s=LEASE_S)
+    assert report.timed_out == [str(running_job.pk)]
+    running_job.refresh_from_db()
+    assert running_job.status == JobStatus.TIMED_OUT
