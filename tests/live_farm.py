@@ -82,7 +82,9 @@ class FarmProcesses:
         """SIGSTOPs the vLLM engine processes of the named workers, resumes them on exit: their requests stay
         `running` without progress for as long as a test needs, while the workers themselves keep beating,
         consuming and listening for cancels. Paused before a request is sent, they make a test independent of how
-        fast the tiny model is (it writes ~900 tokens a second)."""
+        fast the tiny model is (it writes ~900 tokens a second). What an engine made before the pause still reaches
+        its worker (vLLM's engine-to-client ZMQ queue has no bound, and a busy worker can be hundreds of tokens
+        behind), so a job is surely held only if it started after the pause, or once nothing moves (`wait_quiet`)."""
         found = {name: [p for p in self.descendants(name) if p.name().startswith("VLLM::")] for name in names}
         missing = {name: [(p.pid, p.name()) for p in self.descendants(name)]
                    for name, engines in found.items() if not engines}
@@ -184,6 +186,23 @@ def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, wh
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_quiet(snapshot: Callable[[], object], *, quiet_s: float, timeout: float, what: str,
+               interval: float = 0.25) -> object:
+    """Waits until `snapshot()` is not None and has not changed for `quiet_s`; returns it. For a farm whose engines
+    are paused: the workers still finish what the engines made before the pause, then nothing moves."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        current = snapshot()
+        if current is None or current != last:
+            last, since = current, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return current
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})"[:2000])
 
 
 def http_ok(url: str) -> bool:

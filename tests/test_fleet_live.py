@@ -22,6 +22,7 @@ import orjson
 import psutil
 import pytest
 import redis
+from django.utils import timezone
 
 from farm import redis_keys
 from tests.conftest import database_url_for_children
@@ -346,11 +347,14 @@ def test_sigkill_of_one_worker_moves_all_traffic_to_the_other_spec(fleet: Fleet)
     for thread in threads:
         thread.start()
     time.sleep(4)
-    # A's engine stops first, so jobs are in flight on A when it dies: the tiny model ends a 24-token job in well
-    # under a second, and A might otherwise hold none at the kill (nothing would need a retry).
+    # A's engine stops first, so a job is in flight on A when it dies (the tiny model ends a 24-token job in well
+    # under a second: A might otherwise hold none at the kill, and nothing would need a retry). Only a job sent
+    # after the pause proves it: a paused engine's outputs already on their way still let older jobs finish (its
+    # ZMQ queue to the worker is unbounded), and a `running` row may be an ended job whose outcome is in transit.
     with fleet.processes.engines_paused(["fleet-a"]):  # resuming a killed process is a no-op
-        wait_for(lambda: bool(fleet.jobs(spec__name=SPEC_A, status="running")), timeout=30,
-                 what="a job in flight on A")
+        paused_at = timezone.now()
+        wait_for(lambda: bool(fleet.jobs(spec__name=SPEC_A, status="running", created_at__gt=paused_at)),
+                 timeout=30, what="a job sent after the pause in flight on A")
         killed_at = fleet.processes.kill("fleet-a")
     time.sleep(4 * LEASE_S)
     stop.set()

@@ -21,7 +21,15 @@ import pytest
 import redis
 
 from tests.conftest import TINY_ENGINE_ARGS, database_url_for_children
-from tests.live_farm import FarmProcesses, child_env, http_ok, registry_entries, start_worker, wait_for
+from tests.live_farm import (
+    FarmProcesses,
+    child_env,
+    http_ok,
+    registry_entries,
+    start_worker,
+    wait_for,
+    wait_quiet,
+)
 from tests.services import free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(900)]
@@ -194,6 +202,19 @@ def succeeded_lines(farm: BatchFarm, batch_id: str) -> dict[str, int]:
         return {str(job_id): attempt for job_id, attempt in lines.values_list("id", "attempt")}
 
 
+def line_states(farm: BatchFarm, batch_id: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(succeeded, running) line job ids, or None while no line is running."""
+    from farm.models import Job
+
+    with farm.db.unblock():
+        rows = Job.objects.filter(batch_line__batch_id=batch_id, status__in=("succeeded", "running"))
+        states = list(rows.values_list("id", "status"))
+    running = frozenset(str(job_id) for job_id, status in states if status == "running")
+    if not running:
+        return None
+    return frozenset(str(job_id) for job_id, status in states if status == "succeeded"), running
+
+
 def output_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if file_id is None:
         return []
@@ -309,11 +330,15 @@ def test_a_worker_killed_midway_does_not_rerun_finished_lines(batch_farm: BatchF
     client = batch_farm.client()
     batch = submit(client, batch_input(200, max_tokens=600, ignore_eos=True))
 
-    # The engines are paused before the kill: the lines still running cannot finish while the victim dies.
+    # The engine is paused before the kill, and the kill waits until the lines stop moving: the worker first drains
+    # what the engine made before the pause (its ZMQ queue to the worker is unbounded: the tiny model can be
+    # hundreds of tokens ahead, and the lines then in flight end anyway), then starts new lines that cannot finish.
     wait_for(lambda: len(succeeded_lines(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05,
              what="60 finished lines")
     victim = batch_farm.workers[-1]
-    with batch_farm.processes.engines_paused(batch_farm.workers):  # resuming the killed one is a no-op
+    with batch_farm.processes.engines_paused([victim]):  # resuming the killed one is a no-op
+        wait_quiet(lambda: line_states(batch_farm, batch.id), quiet_s=3.0, timeout=120,
+                   what="lines stuck in flight on the paused engine")
         batch_farm.processes.kill(victim)
         time.sleep(1.0)  # outcome events the victim sent before dying reach the database
         finished_before = succeeded_lines(batch_farm, batch.id)

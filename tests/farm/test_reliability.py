@@ -432,7 +432,8 @@ def stream_in_flight(fault_farm: FaultFarm, engines: PausedEngines, scenario: st
                      close_after_first: bool = False) -> tuple[StreamReader, str]:
     """A streamed LONG request whose job is `running` with its first tokens out, the engines (paused before the
     request by the caller) paused again. Two CI runs saw such a job run to its end although the engines were paused
-    and stepped (cause not found; the job ran ~4 s of free generation on a worker started a second before); the
+    and stepped, on a worker started a second before: the engine had made the tokens in its steps, and the worker,
+    slow on its first requests, forwarded them after the pause (vLLM's engine-to-client queue has no bound). The
     scenario needs a job in flight, so a job that ended anyway is replaced by a new request, 3 tries at most."""
     ended: list[str] = []
     for _ in range(3):
