@@ -99,20 +99,40 @@ class BodySizeLimit:
             await self._reject(send, limit)
 
     async def _reject(self, send: Send, limit: int) -> None:
-        payload = orjson.dumps({"error": {
-            "message": f"Request body too large: the limit is {limit} bytes.",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
+        payload = orjson.dumps(
+            {
+                "error": {
+                    "message": f"Request body too large: the limit is {limit} bytes.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
 # Multipart framing around an uploaded file is small; the file's own size is checked exactly by `farm.files`.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
-application = RequestIdASGI(BodySizeLimit(  # the request id goes on every response, this guard's 413 included
-    get_asgi_application(), env.FARM_MAX_BODY_BYTES,
-    streamed={"/v1/files": env.FARM_MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES,
-              "/api/job-artifacts": env.FARM_MAX_ARTIFACT_BYTES + UPLOAD_OVERHEAD_BYTES},  # fine-tuned adapters
-))
+application = RequestIdASGI(
+    BodySizeLimit(  # the request id goes on every response, this guard's 413 included
+        get_asgi_application(),
+        env.FARM_MAX_BODY_BYTES,
+        streamed={
+            "/v1/files": env.FARM_MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES,
+            "/api/job-artifacts": env.FARM_MAX_ARTIFACT_BYTES + UPLOAD_OVERHEAD_BYTES,
+        },  # fine-tuned adapters
+    )
+)

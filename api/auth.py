@@ -17,7 +17,9 @@ def bearer_token(request: HttpRequest) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated(
             "You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", code="missing_api_key")
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
     return token.strip()
 
 

@@ -16,8 +16,9 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 def json_body(request: HttpRequest) -> dict[str, Any]:
     content_type = request.content_type or ""
     if content_type != "application/json":
-        raise InvalidRequest(f"Content-Type must be application/json, not {content_type or 'missing'!r}.",
-                             code="invalid_content_type")
+        raise InvalidRequest(
+            f"Content-Type must be application/json, not {content_type or 'missing'!r}.", code="invalid_content_type"
+        )
     try:
         body = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
@@ -36,14 +37,18 @@ def _refuse_nul(body: dict[str, Any]) -> None:
         path, value = stack.pop()
         if isinstance(value, str):
             if "\x00" in value:
-                raise InvalidRequest(f"Invalid value for '{path}': NUL characters (\\u0000) are not allowed.",
-                                     param=path or None, code="invalid_value")
+                raise InvalidRequest(
+                    f"Invalid value for '{path}': NUL characters (\\u0000) are not allowed.",
+                    param=path or None,
+                    code="invalid_value",
+                )
         elif isinstance(value, dict):
             for key, item in value.items():
                 name = f"{path}.{key}" if path else str(key)
                 if "\x00" in key:
-                    raise InvalidRequest("NUL characters (\\u0000) are not allowed in keys.", param=path or None,
-                                         code="invalid_value")
+                    raise InvalidRequest(
+                        "NUL characters (\\u0000) are not allowed in keys.", param=path or None, code="invalid_value"
+                    )
                 stack.append((name, item))
         elif isinstance(value, list):
             stack.extend((f"{path}.{index}", item) for index, item in enumerate(value))
@@ -68,14 +73,17 @@ def validate(schema: type[M], body: dict[str, Any]) -> M:
         errors = exc.errors(include_url=False)
         # A union field (`content: str | list[part]`) fails once per member: a member whose type matched but whose
         # value was refused (`value_error`, e.g. a NUL character) says more than "should be a valid string".
-        error = next((e for e in errors if e["type"] == "value_error" and e["loc"][:1] == errors[0]["loc"][:1]),
-                     errors[0])
+        error = next(
+            (e for e in errors if e["type"] == "value_error" and e["loc"][:1] == errors[0]["loc"][:1]), errors[0]
+        )
         param = _param(error["loc"], [e["loc"] for e in errors])
         if error["type"] == "extra_forbidden":
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
-                                 code="unknown_parameter") from None
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+            ) from None
         if error["type"] == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
-                                 code="missing_required_parameter") from None
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
         message = error["msg"].removeprefix("Value error, ")
         raise InvalidRequest(f"Invalid value for '{param}': {message}", param=param, code="invalid_value") from None

@@ -28,8 +28,15 @@ def error_body(*, message: str, type: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status: int, *, message: str, type: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JsonResponse:
+def error_response(
+    status: int,
+    *,
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JsonResponse:
     response = JsonResponse(error_body(message=message, type=type, param=param, code=code), status=status)
     for name, value in (headers or {}).items():
         response[name] = value
@@ -37,8 +44,9 @@ def error_response(status: int, *, message: str, type: str, param: str | None = 
 
 
 def farm_error_response(exc: FarmError) -> JsonResponse:
-    return error_response(exc.status, message=exc.message, type=exc.type, param=exc.param, code=exc.code,
-                          headers=exc.headers)
+    return error_response(
+        exc.status, message=exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
+    )
 
 
 View = Callable[..., Awaitable[HttpResponse]]
@@ -54,9 +62,13 @@ def _dependency(exc: Exception) -> str:
 
 
 def method_not_allowed(request: HttpRequest, methods: tuple[str, ...]) -> JsonResponse:
-    return error_response(405, message=f"Method {request.method} not allowed; use {', '.join(methods)}.",
-                          type="invalid_request_error", code="method_not_allowed",
-                          headers={"Allow": ", ".join(methods)})
+    return error_response(
+        405,
+        message=f"Method {request.method} not allowed; use {', '.join(methods)}.",
+        type="invalid_request_error",
+        code="method_not_allowed",
+        headers={"Allow": ", ".join(methods)},
+    )
 
 
 def allow_methods(*methods: str) -> Callable[[View], View]:
@@ -108,31 +120,62 @@ async def _respond(view: View, request: HttpRequest, *args: Any, **kwargs: Any) 
     except UNAVAILABLE as exc:  # a dependency is down: retryable, not a server bug
         name = _dependency(exc)
         log.warning("%s unavailable for %s: %s", name, request.path, exc)
-        return error_response(503, message=f"The {name} is unavailable; retry shortly.", type="service_unavailable",
-                              code=f"{name}_unavailable", headers={"Retry-After": "5"})
+        return error_response(
+            503,
+            message=f"The {name} is unavailable; retry shortly.",
+            type="service_unavailable",
+            code=f"{name}_unavailable",
+            headers={"Retry-After": "5"},
+        )
     except Exception:
         log.exception("unhandled error in %s", request.path)
-        return error_response(500, message="The server had an error while processing your request.",
-                              type="server_error", code="internal_error")
+        return error_response(
+            500,
+            message="The server had an error while processing your request.",
+            type="server_error",
+            code="internal_error",
+        )
 
 
-_DRF_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-              405: "invalid_request_error", 409: "conflict_error", 429: "rate_limit_error"}
+_DRF_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
 
 
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF errors in the same OpenAI shape."""
     if isinstance(exc, FarmError):
-        return Response(error_body(message=exc.message, type=exc.type, param=exc.param, code=exc.code),
-                        status=exc.status, headers=exc.headers)
+        return Response(
+            error_body(message=exc.message, type=exc.type, param=exc.param, code=exc.code),
+            status=exc.status,
+            headers=exc.headers,
+        )
     if isinstance(exc, UNAVAILABLE):
         name = _dependency(exc)
-        return Response(error_body(message=f"The {name} is unavailable; retry shortly.", type="service_unavailable",
-                                   code=f"{name}_unavailable"), status=503, headers={"Retry-After": "5"})
+        return Response(
+            error_body(
+                message=f"The {name} is unavailable; retry shortly.",
+                type="service_unavailable",
+                code=f"{name}_unavailable",
+            ),
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     if isinstance(exc, DatabaseError):  # a refused query (bad data, a bug): the OpenAI 500, not Django's HTML page
         log.error("database error in %s: %s", context.get("request") and context["request"].path, exc, exc_info=exc)
-        return Response(error_body(message="The server had an error while processing your request.",
-                                   type="server_error", code="internal_error"), status=500)
+        return Response(
+            error_body(
+                message="The server had an error while processing your request.",
+                type="server_error",
+                code="internal_error",
+            ),
+            status=500,
+        )
     if isinstance(exc, drf_exceptions.APIException):
         status = exc.status_code
         if status == 403 and isinstance(exc, drf_exceptions.NotAuthenticated | drf_exceptions.AuthenticationFailed):
@@ -146,20 +189,35 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             message = str(detail[0])
         else:
             message = str(detail)
-        return Response(error_body(message=message, type=_DRF_TYPES.get(status, "invalid_request_error"),
-                                   param=param, code=getattr(detail, "code", None)), status=status)
+        return Response(
+            error_body(
+                message=message,
+                type=_DRF_TYPES.get(status, "invalid_request_error"),
+                param=param,
+                code=getattr(detail, "code", None),
+            ),
+            status=status,
+        )
     return None
 
 
 @csrf_exempt
 def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return error_response(404, message=f"Unknown request URL: {request.method} {request.path}.",
-                          type="invalid_request_error", code="unknown_url")
+    return error_response(
+        404,
+        message=f"Unknown request URL: {request.method} {request.path}.",
+        type="invalid_request_error",
+        code="unknown_url",
+    )
 
 
 def server_error(request: HttpRequest) -> JsonResponse:
-    return error_response(500, message="The server had an error while processing your request.",
-                          type="server_error", code="internal_error")
+    return error_response(
+        500,
+        message="The server had an error while processing your request.",
+        type="server_error",
+        code="internal_error",
+    )
 
 
 class ApiExceptionMiddleware(MiddlewareMixin):
@@ -175,19 +233,29 @@ class ApiExceptionMiddleware(MiddlewareMixin):
         if isinstance(exception, FarmError):
             return farm_error_response(exception)
         if isinstance(exception, Http404):
-            return error_response(404, message=str(exception) or "Not found.", type="not_found_error",
-                                  code="not_found")
+            return error_response(404, message=str(exception) or "Not found.", type="not_found_error", code="not_found")
         if isinstance(exception, DjangoPermissionDenied):
-            return error_response(403, message=str(exception) or "Permission denied.", type="permission_error",
-                                  code="permission_denied")
+            return error_response(
+                403, message=str(exception) or "Permission denied.", type="permission_error", code="permission_denied"
+            )
         if isinstance(exception, BadRequest | SuspiciousOperation):
-            return error_response(400, message=str(exception) or "Bad request.", type="invalid_request_error",
-                                  code="bad_request")
+            return error_response(
+                400, message=str(exception) or "Bad request.", type="invalid_request_error", code="bad_request"
+            )
         if isinstance(exception, UNAVAILABLE):
             name = _dependency(exception)
             log.warning("%s unavailable for %s: %s", name, request.path, exception)
-            return error_response(503, message=f"The {name} is unavailable; retry shortly.",
-                                  type="service_unavailable", code=f"{name}_unavailable", headers={"Retry-After": "5"})
+            return error_response(
+                503,
+                message=f"The {name} is unavailable; retry shortly.",
+                type="service_unavailable",
+                code=f"{name}_unavailable",
+                headers={"Retry-After": "5"},
+            )
         log.error("unhandled error in %s", request.path, exc_info=exception)
-        return error_response(500, message="The server had an error while processing your request.",
-                              type="server_error", code="internal_error")
+        return error_response(
+            500,
+            message="The server had an error while processing your request.",
+            type="server_error",
+            code="internal_error",
+        )

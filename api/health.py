@@ -23,8 +23,14 @@ class Readiness(BaseModel):
     checks: dict[str, str]  # dependency -> "ok" or "error: <exception class>"
 
 
-@operation(method="GET", operation_id="healthz", summary="Liveness: the process answers", tags=("Operations",),
-           auth=False, responses={200: Response("Alive.", {"application/json": Liveness})})
+@operation(
+    method="GET",
+    operation_id="healthz",
+    summary="Liveness: the process answers",
+    tags=("Operations",),
+    auth=False,
+    responses={200: Response("Alive.", {"application/json": Liveness})},
+)
 @allow_methods("GET")
 async def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
@@ -35,10 +41,17 @@ def _database_ok() -> None:
         cursor.execute("SELECT 1")
 
 
-@operation(method="GET", operation_id="readyz", summary="Readiness: database and broker reachable",
-           tags=("Operations",), auth=False,
-           responses={200: Response("Ready.", {"application/json": Readiness}),
-                      503: Response("A dependency is down.", {"application/json": Readiness})})
+@operation(
+    method="GET",
+    operation_id="readyz",
+    summary="Readiness: database and broker reachable",
+    tags=("Operations",),
+    auth=False,
+    responses={
+        200: Response("Ready.", {"application/json": Readiness}),
+        503: Response("A dependency is down.", {"application/json": Readiness}),
+    },
+)
 @allow_methods("GET")
 async def readyz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, str] = {}

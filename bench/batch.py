@@ -298,8 +298,11 @@ def line_job_timeline(farm: Any, batch_id: str) -> dict[str, float]:
     for index, name in enumerate(("created", "started", "finished")):
         seconds = sorted(stamp(row[index]) - origin for row in rows if row[index] is not None)
         if seconds:
-            timeline |= {f"{name}_first": seconds[0], f"{name}_median": statistics.median(seconds),
-                         f"{name}_last": seconds[-1]}
+            timeline |= {
+                f"{name}_first": seconds[0],
+                f"{name}_median": statistics.median(seconds),
+                f"{name}_last": seconds[-1],
+            }
     return {key: round(value, 3) for key, value in timeline.items()}
 
 

@@ -63,21 +63,38 @@ MARKS: dict[str, tuple[str, str]] = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR,
-                        help="model directory (default: the demo model, prepared if missing)")
-    parser.add_argument("--engine-args", default=json.dumps(DEMO_ENGINE_ARGS),
-                        help="vLLM engine args of the spec, JSON (default: %(default)s)")
-    parser.add_argument("--kv-cache-gib", default="2",
-                        help="VLLM_CPU_KVCACHE_SPACE for both arms (default %(default)s, the farm worker's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cold_start", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEMO_MODEL_DIR,
+        help="model directory (default: the demo model, prepared if missing)",
+    )
+    parser.add_argument(
+        "--engine-args",
+        default=json.dumps(DEMO_ENGINE_ARGS),
+        help="vLLM engine args of the spec, JSON (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        default="2",
+        help="VLLM_CPU_KVCACHE_SPACE for both arms (default %(default)s, the farm worker's)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="cold starts per arm (default %(default)s)")
     parser.add_argument("--only", choices=["direct", "farm"], help="run one arm only")
-    parser.add_argument("--lazy", action="store_true",
-                        help="farm arm: the worker is up with the spec as --lazy-spec before the request; the clock "
-                        "starts at the request (a request for an unloaded model -> its first token)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here (default: "
-                        "bench/results/cold-start-<UTC timestamp>.json)")
+    parser.add_argument(
+        "--lazy",
+        action="store_true",
+        help="farm arm: the worker is up with the spec as --lazy-spec before the request; the clock "
+        "starts at the request (a request for an unloaded model -> its first token)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the results as JSON here (default: bench/results/cold-start-<UTC timestamp>.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -90,9 +107,20 @@ def direct_round(args: argparse.Namespace) -> dict[str, float]:
     started = time.monotonic()
     with log.open("w") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "bench.direct_arm", "--model-dir", str(args.model_dir), "--engine-args",
-             args.engine_args],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            [
+                sys.executable,
+                "-m",
+                "bench.direct_arm",
+                "--model-dir",
+                str(args.model_dir),
+                "--engine-args",
+                args.engine_args,
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib},
         )
     try:
@@ -123,8 +151,13 @@ def waiting_client(farm: Any, started: float, deadline_s: float, result: dict[st
     """Asks for a streamed completion until one is served (503 while no worker serves); records its first token."""
     import httpx
 
-    body = {"model": farm.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": farm.model_name,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {farm.api_key}"}
     attempts = 0
     with httpx.Client(timeout=120) as client:
@@ -169,8 +202,10 @@ def vllm_durations(path: Path) -> dict[str, float]:
     """What vLLM itself reports: weights loading and `init engine` (profile, KV cache, warm-up), in seconds."""
     text = path.read_text(errors="replace")
     found = {}
-    for name, pattern in (("weights_s", r"Loading weights took ([\d.]+) seconds"),
-                          ("init_engine_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)")):
+    for name, pattern in (
+        ("weights_s", r"Loading weights took ([\d.]+) seconds"),
+        ("init_engine_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)"),
+    ):
         match = re.search(pattern, text)
         if match:
             found[name] = float(match.group(1))
@@ -184,9 +219,15 @@ def farm_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.private_farm import PrivateFarm
 
     home = Path(tempfile.mkdtemp(prefix="farm-bench-cold-"))
-    farm = PrivateFarm(home=home, model_dir=args.model_dir, engine_args=json.loads(args.engine_args),
-                       port=free_port(), redis_port=free_port(), worker_concurrency=16,
-                       extra_env={"FARM_CPU_KVCACHE_GIB": args.kv_cache_gib})
+    farm = PrivateFarm(
+        home=home,
+        model_dir=args.model_dir,
+        engine_args=json.loads(args.engine_args),
+        port=free_port(),
+        redis_port=free_port(),
+        worker_concurrency=16,
+        extra_env={"FARM_CPU_KVCACHE_GIB": args.kv_cache_gib},
+    )
     rounds = []
     try:
         farm.start(worker=False)
@@ -218,8 +259,10 @@ def farm_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
             time.sleep(0.5)  # the worker's last lines reach its log
             marks = {mark: at for mark, at in log_marks(log, spawned_at).items() if at >= 0 or not args.lazy}
             rounds.append({**marks, **result, **vllm_durations(log), "log": str(log)})
-            print(f"farm round {index + 1}: first token after {result.get('first_token', float('nan')):.1f}s",
-                  file=sys.stderr)
+            print(
+                f"farm round {index + 1}: first token after {result.get('first_token', float('nan')):.1f}s",
+                file=sys.stderr,
+            )
             farm.stop_child(name)
             time.sleep(2)  # its registry entry expires; the next round starts cold
     finally:
@@ -269,8 +312,13 @@ def main(argv: list[str] | None = None) -> None:
         from gpu_workers.model_store import prepare_demo_model
 
         prepare_demo_model(DEMO_MODEL_DIR.parent)
-    results: dict[str, Any] = {"loadavg_at_start": list(os.getloadavg()), "model": str(args.model_dir),
-                               "engine_args": json.loads(args.engine_args), "rounds": args.rounds, "lazy": args.lazy}
+    results: dict[str, Any] = {
+        "loadavg_at_start": list(os.getloadavg()),
+        "model": str(args.model_dir),
+        "engine_args": json.loads(args.engine_args),
+        "rounds": args.rounds,
+        "lazy": args.lazy,
+    }
     if args.only != "farm":
         direct = []
         for index in range(args.rounds):

@@ -50,23 +50,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.control_plane", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--concurrency", default="1,8,32,64,128,256", help="sweep levels (default %(default)s)")
-    parser.add_argument("--requests", type=int, default=0,
-                        help="requests per level and mode (default: max(100, 4 x concurrency))")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level and mode (default: max(100, 4 x concurrency))"
+    )
     parser.add_argument("--output-tokens", type=int, default=16, help="tokens per response (default %(default)s)")
     parser.add_argument("--modes", default="stream,json", help="stream, json or both (default %(default)s)")
     parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once; 0 skips")
     parser.add_argument("--stream-tokens", type=int, default=40, help="tokens per held-open stream")
-    parser.add_argument("--token-interval", type=float, default=0.25,
-                        help="seconds between tokens of a held-open stream (default %(default)s)")
-    parser.add_argument("--worker-concurrency", type=int, default=1100,
-                        help="worker threads: at least --open-streams (default %(default)s)")
-    parser.add_argument("--postgres", metavar="URL",
-                        help="run the farm on fresh databases of this PostgreSQL server (e.g. "
-                        "postgres://postgres@127.0.0.1:5432/postgres), created and dropped by the bench; default: "
-                        "SQLite (as `make run`)")
+    parser.add_argument(
+        "--token-interval",
+        type=float,
+        default=0.25,
+        help="seconds between tokens of a held-open stream (default %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=1100,
+        help="worker threads: at least --open-streams (default %(default)s)",
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="run the farm on fresh databases of this PostgreSQL server (e.g. "
+        "postgres://postgres@127.0.0.1:5432/postgres), created and dropped by the bench; default: "
+        "SQLite (as `make run`)",
+    )
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     return parser.parse_args(argv)
 
@@ -85,12 +98,19 @@ class Client:
         self.url = f"{base_url}/v1/chat/completions"
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_read=600)
+        )
 
     async def send(self, *, stream: bool, max_tokens: int) -> Timed:
-        body = orjson.dumps({"model": self.model, "max_tokens": max_tokens, "stream": stream,
-                             "messages": [{"role": "user", "content": f"bench {uuid.uuid4().hex}"}]})
+        body = orjson.dumps(
+            {
+                "model": self.model,
+                "max_tokens": max_tokens,
+                "stream": stream,
+                "messages": [{"role": "user", "content": f"bench {uuid.uuid4().hex}"}],
+            }
+        )
         sent = time.time()
         job_id = first = None
         try:
@@ -118,8 +138,9 @@ class Client:
         await self.session.close()
 
 
-async def closed_loop(client: Client, *, concurrency: int, requests: int, stream: bool,
-                      max_tokens: int) -> tuple[list[Timed], float]:
+async def closed_loop(
+    client: Client, *, concurrency: int, requests: int, stream: bool, max_tokens: int
+) -> tuple[list[Timed], float]:
     left = requests
     results: list[Timed] = []
 
@@ -141,12 +162,15 @@ def job_created_at(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
         import psycopg
 
         with psycopg.connect(database_url) as conn:
-            rows = conn.execute("SELECT id, created_at FROM farm_job WHERE id = ANY(%s)",
-                                ([uuid.UUID(j) for j in job_ids],)).fetchall()
+            rows = conn.execute(
+                "SELECT id, created_at FROM farm_job WHERE id = ANY(%s)", ([uuid.UUID(j) for j in job_ids],)
+            ).fetchall()
         return {str(row[0]): row[1].timestamp() for row in rows}
     with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
-        rows = db.execute(f"SELECT id, created_at FROM farm_job WHERE id IN ({','.join('?' * len(job_ids))})",
-                          [uuid.UUID(j).hex for j in job_ids]).fetchall()
+        rows = db.execute(
+            f"SELECT id, created_at FROM farm_job WHERE id IN ({','.join('?' * len(job_ids))})",
+            [uuid.UUID(j).hex for j in job_ids],
+        ).fetchall()
     return {str(uuid.UUID(row[0])): datetime.fromisoformat(row[1]).replace(tzinfo=UTC).timestamp() for row in rows}
 
 
@@ -159,8 +183,9 @@ def first_token_in_redis(farm: PrivateFarm, job_ids: list[str]) -> dict[str, flo
         for job_id in job_ids:
             pipe.xrange(f"farm:job:{job_id}:stream", count=1)
         replies = pipe.execute()
-    return {job_id: int(reply[0][0].split(b"-")[0]) / 1000 for job_id, reply in zip(job_ids, replies, strict=True)
-            if reply}
+    return {
+        job_id: int(reply[0][0].split(b"-")[0]) / 1000 for job_id, reply in zip(job_ids, replies, strict=True) if reply
+    }
 
 
 def ms(values: list[float], q: float) -> float | None:
@@ -183,9 +208,11 @@ def level_figures(farm: PrivateFarm, results: list[Timed], elapsed: float) -> di
         hops["out"].append(r.first_byte - t)
     latency = [r.done - r.sent for r in ok]
     return {
-        "requests": len(results), "errors": len(results) - len(ok),
+        "requests": len(results),
+        "errors": len(results) - len(ok),
         "first_errors": sorted({r.error for r in results if r.error})[:3],
-        "requests_per_s": round(len(ok) / elapsed, 1), "latency_p50_ms": ms(latency, 50),
+        "requests_per_s": round(len(ok) / elapsed, 1),
+        "latency_p50_ms": ms(latency, 50),
         "latency_p99_ms": ms(latency, 99),
         **{f"{hop}_p50_ms": ms(values, 50) for hop, values in hops.items()},
         **{f"{hop}_p99_ms": ms(values, 99) for hop, values in hops.items()},
@@ -212,10 +239,15 @@ async def open_streams(farm: PrivateFarm, client: Client, *, count: int, tokens:
     done.set()
     await sampler
     errors = [r.error for r in results if r.error]
-    return {"streams": count, "errors": len(errors), "first_errors": sorted(set(errors))[:3],
-            "elapsed_s": round(elapsed, 1), "api_rss_before_mib": round(before / 2**20, 1),
-            "api_rss_peak_mib": round(peak / 2**20, 1),
-            "latency_p50_s": round(percentile([r.done - r.sent for r in results], 50) or 0, 2)}
+    return {
+        "streams": count,
+        "errors": len(errors),
+        "first_errors": sorted(set(errors))[:3],
+        "elapsed_s": round(elapsed, 1),
+        "api_rss_before_mib": round(before / 2**20, 1),
+        "api_rss_peak_mib": round(peak / 2**20, 1),
+        "latency_p50_s": round(percentile([r.done - r.sent for r in results], 50) or 0, 2),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,10 +264,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         drops.append(drop)
         return {"DATABASE_URL": url}
 
-    farm = PrivateFarm(home=home, model_dir=model_dir, engine_args={}, port=free_port(), redis_port=free_port(),
-                       worker_concurrency=max(args.worker_concurrency, args.open_streams),
-                       extra_env={"FARM_NULL_ENGINE": "1", "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": "0",
-                                  **database_env("control_plane")})
+    farm = PrivateFarm(
+        home=home,
+        model_dir=model_dir,
+        engine_args={},
+        port=free_port(),
+        redis_port=free_port(),
+        worker_concurrency=max(args.worker_concurrency, args.open_streams),
+        extra_env={"FARM_NULL_ENGINE": "1", "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": "0", **database_env("control_plane")},
+    )
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sweep": [], "streams": None}
     print(f"starting a private farm in {home} (null engine) ...", flush=True)
     farm.start()
@@ -252,22 +289,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
             for mode in args.modes.split(","):
                 requests = args.requests or max(100, 4 * concurrency)
-                timed, elapsed = await closed_loop(client, concurrency=concurrency, requests=requests,
-                                                   stream=mode == "stream", max_tokens=args.output_tokens)
+                timed, elapsed = await closed_loop(
+                    client,
+                    concurrency=concurrency,
+                    requests=requests,
+                    stream=mode == "stream",
+                    max_tokens=args.output_tokens,
+                )
                 figures = {"concurrency": concurrency, "mode": mode, **level_figures(farm, timed, elapsed)}
                 results["sweep"].append(figures)
                 print(json.dumps(figures), flush=True)
         if args.open_streams:
             await client.close()
             farm.stop()
-            farm = PrivateFarm(home=Path(tempfile.mkdtemp(prefix="farm-streams-")), model_dir=model_dir,
-                               engine_args={}, port=free_port(), redis_port=free_port(),
-                               worker_concurrency=max(args.worker_concurrency, args.open_streams),
-                               extra_env={"FARM_NULL_ENGINE": "1",
-                                          "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": str(args.token_interval),
-                                          **database_env("streams")})
-            print(f"restarting with a {args.token_interval}s token interval for {args.open_streams} open streams",
-                  flush=True)
+            farm = PrivateFarm(
+                home=Path(tempfile.mkdtemp(prefix="farm-streams-")),
+                model_dir=model_dir,
+                engine_args={},
+                port=free_port(),
+                redis_port=free_port(),
+                worker_concurrency=max(args.worker_concurrency, args.open_streams),
+                extra_env={
+                    "FARM_NULL_ENGINE": "1",
+                    "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": str(args.token_interval),
+                    **database_env("streams"),
+                },
+            )
+            print(
+                f"restarting with a {args.token_interval}s token interval for {args.open_streams} open streams",
+                flush=True,
+            )
             farm.start()
             while await http_status(f"{farm.base_url}/readyz") != 200:
                 farm.check_alive()
@@ -289,15 +340,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    cols = ["concurrency", "mode", "requests_per_s", "errors", "latency_p50_ms", "latency_p99_ms", "api_p50_ms",
-            "api_p99_ms", "queue_p50_ms", "queue_p99_ms", "out_p50_ms", "out_p99_ms"]
+    cols = [
+        "concurrency",
+        "mode",
+        "requests_per_s",
+        "errors",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "api_p50_ms",
+        "api_p99_ms",
+        "queue_p50_ms",
+        "queue_p99_ms",
+        "out_p50_ms",
+        "out_p99_ms",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(row.get(c)) for c in cols) + " |" for row in results["sweep"]]
     if results["streams"]:
-        lines += ["", "| open streams | errors | API RSS before MiB | API RSS peak MiB | wall s |",
-                  "|---|---|---|---|---|",
-                  "| {streams} | {errors} | {api_rss_before_mib} | {api_rss_peak_mib} | {elapsed_s} |".format(
-                      **results["streams"])]
+        lines += [
+            "",
+            "| open streams | errors | API RSS before MiB | API RSS peak MiB | wall s |",
+            "|---|---|---|---|---|",
+            "| {streams} | {errors} | {api_rss_before_mib} | {api_rss_peak_mib} | {elapsed_s} |".format(
+                **results["streams"]
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -53,8 +53,9 @@ async def serve(args: argparse.Namespace, out: TextIO) -> None:
     async def one(prompt: str, params: SamplingParams) -> Sample:
         sent = time.perf_counter()
         # As the farm's worker and vLLM's server do: render the chat template, then encode without extra specials.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         token_ids = list(tokenizer.encode(text, add_special_tokens=False))
         ttft = None
         tokens = 0
@@ -63,8 +64,9 @@ async def serve(args: argparse.Namespace, out: TextIO) -> None:
             if ttft is None and output.outputs[0].text:
                 ttft = time.perf_counter() - sent
             tokens += new
-        return Sample(ttft_s=ttft, latency_s=time.perf_counter() - sent, output_tokens=tokens,
-                      prompt_tokens=len(token_ids))
+        return Sample(
+            ttft_s=ttft, latency_s=time.perf_counter() - sent, output_tokens=tokens, prompt_tokens=len(token_ids)
+        )
 
     try:
         while True:
@@ -74,18 +76,29 @@ async def serve(args: argparse.Namespace, out: TextIO) -> None:
             command = json.loads(line)
             if command["op"] == "quit":
                 return
-            params = SamplingParams(n=1, max_tokens=command["max_tokens"], temperature=command["temperature"],
-                                    top_p=1.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-            batch = await closed_loop(command["prompts"], command["concurrency"],
-                                      lambda prompt, params=params: one(prompt, params), command.get("arrivals"))
+            params = SamplingParams(
+                n=1,
+                max_tokens=command["max_tokens"],
+                temperature=command["temperature"],
+                top_p=1.0,
+                ignore_eos=True,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            batch = await closed_loop(
+                command["prompts"],
+                command["concurrency"],
+                lambda prompt, params=params: one(prompt, params),
+                command.get("arrivals"),
+            )
             emit(out, {"event": "batch", **batch.as_dict()})
     finally:
         llm.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.direct_arm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.direct_arm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--engine-args", default="{}", help="JSON object of vLLM engine args (the spec's)")
     args = parser.parse_args(argv)

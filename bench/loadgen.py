@@ -38,13 +38,17 @@ class Batch:
     samples: list[Sample]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"concurrency": self.concurrency, "elapsed_s": self.elapsed_s,
-                "samples": [s.as_dict() for s in self.samples]}
+        return {
+            "concurrency": self.concurrency,
+            "elapsed_s": self.elapsed_s,
+            "samples": [s.as_dict() for s in self.samples],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Batch:
-        return cls(concurrency=data["concurrency"], elapsed_s=data["elapsed_s"],
-                   samples=[Sample(**s) for s in data["samples"]])
+        return cls(
+            concurrency=data["concurrency"], elapsed_s=data["elapsed_s"], samples=[Sample(**s) for s in data["samples"]]
+        )
 
 
 def poisson_arrivals(count: int, rate: float, rng: random.Random) -> list[float]:
@@ -57,8 +61,12 @@ def poisson_arrivals(count: int, rate: float, rng: random.Random) -> list[float]
     return times
 
 
-async def closed_loop(prompts: Sequence[str], concurrency: int, send: Callable[[str], Awaitable[Sample]],
-                      arrivals: Sequence[float] | None = None) -> Batch:
+async def closed_loop(
+    prompts: Sequence[str],
+    concurrency: int,
+    send: Callable[[str], Awaitable[Sample]],
+    arrivals: Sequence[float] | None = None,
+) -> Batch:
     """Runs every prompt through `send` with at most `concurrency` in flight; exceptions become failed samples.
     With `arrivals` (seconds from the start, one per prompt) the load is open: prompt i is sent at arrivals[i], or
     as soon as fewer than `concurrency` are in flight after that (vLLM's `--max-concurrency`); TTFT and latency
@@ -77,16 +85,24 @@ async def closed_loop(prompts: Sequence[str], concurrency: int, send: Callable[[
             try:
                 samples.append(await send(prompt))
             except Exception as exc:  # a failed request is a result to report, not a crash of the bench
-                samples.append(Sample(ttft_s=None, latency_s=time.perf_counter() - started, output_tokens=0,
-                                      prompt_tokens=0, error=f"{exc.__class__.__name__}: {exc}"[:300]))
+                samples.append(
+                    Sample(
+                        ttft_s=None,
+                        latency_s=time.perf_counter() - started,
+                        output_tokens=0,
+                        prompt_tokens=0,
+                        error=f"{exc.__class__.__name__}: {exc}"[:300],
+                    )
+                )
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(min(concurrency, len(prompts)))))
     return Batch(concurrency=concurrency, elapsed_s=time.perf_counter() - started, samples=samples)
 
 
-async def _open_loop(prompts: Sequence[str], arrivals: Sequence[float], concurrency: int,
-                     send: Callable[[str], Awaitable[Sample]]) -> Batch:
+async def _open_loop(
+    prompts: Sequence[str], arrivals: Sequence[float], concurrency: int, send: Callable[[str], Awaitable[Sample]]
+) -> Batch:
     slots = asyncio.Semaphore(concurrency)
     samples: list[Sample] = []
     started = time.perf_counter()
@@ -100,8 +116,15 @@ async def _open_loop(prompts: Sequence[str], arrivals: Sequence[float], concurre
             try:
                 samples.append(await send(prompt))
             except Exception as exc:
-                samples.append(Sample(ttft_s=None, latency_s=time.perf_counter() - sent, output_tokens=0,
-                                      prompt_tokens=0, error=f"{exc.__class__.__name__}: {exc}"[:300]))
+                samples.append(
+                    Sample(
+                        ttft_s=None,
+                        latency_s=time.perf_counter() - sent,
+                        output_tokens=0,
+                        prompt_tokens=0,
+                        error=f"{exc.__class__.__name__}: {exc}"[:300],
+                    )
+                )
 
     await asyncio.gather(*(one(prompt, at) for prompt, at in zip(prompts, arrivals, strict=True)))
     return Batch(concurrency=concurrency, elapsed_s=time.perf_counter() - started, samples=samples)

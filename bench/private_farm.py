@@ -85,8 +85,9 @@ class PrivateFarm:
         }
 
     def manage(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env(), capture_output=True,
-                              text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env(), capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"manage.py {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return done.stdout
@@ -94,24 +95,34 @@ class PrivateFarm:
     def models_yaml(self) -> Path:
         """The models file: the bench model with one vllm-cpu spec carrying exactly the bench's engine args."""
         path = self.home / "models.yaml"
-        declaration = {"models": [{
-            "name": self.model_name, "source": str(self.model_dir), "engine_args": self.engine_args,
-            "specs": [{"name": self.spec_name, "engine": "vllm-cpu", "resource_profile": "cpu", "min_replicas": 1}],
-        }]}
+        declaration = {
+            "models": [
+                {
+                    "name": self.model_name,
+                    "source": str(self.model_dir),
+                    "engine_args": self.engine_args,
+                    "specs": [
+                        {"name": self.spec_name, "engine": "vllm-cpu", "resource_profile": "cpu", "min_replicas": 1}
+                    ],
+                }
+            ]
+        }
         path.write_text(json.dumps(declaration, indent=2))  # JSON is YAML
         return path
 
     def spawn(self, name: str, command: list[str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
-        self.children[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                               env=self.env(), start_new_session=True)
+        self.children[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env(), start_new_session=True
+        )
 
     def start(self, *, worker: bool = True) -> None:
         """Prepares state and starts every process (the worker unless `worker=False`: see `start_worker`);
         readiness is checked by the caller (it owns the HTTP client)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.children["redis"] = start_embedded_redis(port=self.redis_port, data_dir=self.home / "redis",
-                                                      log_file=self.log_dir / "redis.log")
+        self.children["redis"] = start_embedded_redis(
+            port=self.redis_port, data_dir=self.home / "redis", log_file=self.log_dir / "redis.log"
+        )
         self.manage("migrate", "--verbosity", "0")
         self.manage("loadmodels", str(self.models_yaml()))
         self.api_key = self.manage("createapikey", "--user", "bench", "--name", "bench").strip().splitlines()[-1]
@@ -124,8 +135,9 @@ class PrivateFarm:
         """Starts a worker for the bench spec (loaded at start, or on the first request when `lazy`); its log is
         `<log_dir>/<name>.log`."""
         specs = {"specs": [], "lazy_specs": [self.spec_name]} if lazy else {"specs": [self.spec_name]}
-        self.spawn(name, processes.gpu_worker_command(**specs, worker_id=f"bench-{name}",
-                                                      concurrency=self.worker_concurrency))
+        self.spawn(
+            name, processes.gpu_worker_command(**specs, worker_id=f"bench-{name}", concurrency=self.worker_concurrency)
+        )
 
     def stop_child(self, name: str) -> None:
         """Stops one process (SIGTERM, then its whole process group)."""

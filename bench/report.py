@@ -38,12 +38,15 @@ def batch_stats(batch: Batch) -> dict[str, Any]:
     """Output tokens/s over the batch's wall time (first send to last end), and its request figures."""
     ok = [s for s in batch.samples if s.error is None]
     tokens = sum(s.output_tokens for s in ok)
-    tpots = [(s.latency_s - s.ttft_s) / (s.output_tokens - 1) for s in ok if s.ttft_s is not None and
-             s.output_tokens > 1]
+    tpots = [
+        (s.latency_s - s.ttft_s) / (s.output_tokens - 1) for s in ok if s.ttft_s is not None and s.output_tokens > 1
+    ]
     return {
-        "requests": len(batch.samples), "errors": len(batch.samples) - len(ok),
+        "requests": len(batch.samples),
+        "errors": len(batch.samples) - len(ok),
         "first_errors": sorted({s.error for s in batch.samples if s.error})[:3],
-        "elapsed_s": batch.elapsed_s, "output_tokens": tokens,
+        "elapsed_s": batch.elapsed_s,
+        "output_tokens": tokens,
         "output_tok_per_s": tokens / batch.elapsed_s if batch.elapsed_s > 0 else 0.0,
         "requests_per_s": len(ok) / batch.elapsed_s if batch.elapsed_s > 0 else 0.0,
         "prompt_tokens_median": statistics.median([s.prompt_tokens for s in ok]) if ok else None,
@@ -60,16 +63,19 @@ def arm_summary(batches: Iterable[Batch]) -> dict[str, Any]:
     ok = [s for b in batches for s in b.samples if s.error is None]
     ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
     latencies = [s.latency_s for s in ok]
-    tpots = [(s.latency_s - s.ttft_s) / (s.output_tokens - 1) for s in ok if s.ttft_s is not None and
-             s.output_tokens > 1]
+    tpots = [
+        (s.latency_s - s.ttft_s) / (s.output_tokens - 1) for s in ok if s.ttft_s is not None and s.output_tokens > 1
+    ]
     return {
         "rounds": len(batches),
         "output_tok_per_s_median": statistics.median(per_round) if per_round else None,
         "output_tok_per_s_rounds": per_round,
         "requests": sum(len(b.samples) for b in batches),
         "errors": sum(1 for b in batches for s in b.samples if s.error is not None),
-        "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p99_ms": ms(percentile(ttfts, 99)),
-        "latency_p50_ms": ms(percentile(latencies, 50)), "latency_p99_ms": ms(percentile(latencies, 99)),
+        "ttft_p50_ms": ms(percentile(ttfts, 50)),
+        "ttft_p99_ms": ms(percentile(ttfts, 99)),
+        "latency_p50_ms": ms(percentile(latencies, 50)),
+        "latency_p99_ms": ms(percentile(latencies, 99)),
         "tpot_p50_ms": ms(percentile(tpots, 50)),
     }
 
@@ -110,8 +116,7 @@ def checks(compared: dict[int, dict[str, float | None]]) -> list[dict[str, Any]]
         level = min(compared) if "ttft" in key else max(compared)
         value = compared[level].get(key)
         passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-        results.append({"bar": text, "concurrency": level, "value": value, "threshold": threshold,
-                        "passed": passed})
+        results.append({"bar": text, "concurrency": level, "value": value, "threshold": threshold, "passed": passed})
     return results
 
 
@@ -124,14 +129,20 @@ def render_table(rows: list[list[str]], headers: list[str], *, left: tuple[int, 
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def render(summary: dict[str, dict[int, dict[str, Any]]], compared: dict[int, dict[str, float | None]],
-           bars: list[dict[str, Any]], cpu: dict[str, dict[int, dict[str, float]]]) -> str:
+def render(
+    summary: dict[str, dict[int, dict[str, Any]]],
+    compared: dict[int, dict[str, float | None]],
+    bars: list[dict[str, Any]],
+    cpu: dict[str, dict[int, dict[str, float]]],
+) -> str:
     """The end-of-run report: per-arm figures, farm-vs-reference comparisons, the bars, CPU per 1k tokens."""
     arm_rows = []
     for c in sorted(compared):
@@ -140,33 +151,90 @@ def render(summary: dict[str, dict[int, dict[str, Any]]], compared: dict[int, di
             if s is None:
                 continue
             rounds = " ".join(f"{x:.0f}" for x in s["output_tok_per_s_rounds"])
-            arm_rows.append([str(c), arm, _fmt(s["output_tok_per_s_median"], ".1f"), rounds,
-                             _fmt(s["ttft_p50_ms"], ".0f"), _fmt(s["ttft_p99_ms"], ".0f"),
-                             _fmt(s["latency_p50_ms"], ".0f"), _fmt(s["tpot_p50_ms"], ".1f"),
-                             f"{s['errors']}/{s['requests']}"])
-    parts = ["Per arm (throughput: median over rounds; percentiles: all requests of all rounds)",
-             render_table(arm_rows, ["conc", "arm", "out tok/s", "per round", "TTFT p50 ms", "TTFT p99 ms",
-                                     "e2e p50 ms", "TPOT p50 ms", "errors"])]
-    comp_rows = [[str(c), _fmt(v["farm/direct"], ".3f"), _fmt(v["farm/vllm-serve"], ".3f"),
-                  _fmt(v["vllm-serve/direct"], ".3f"), _fmt(v["added_ttft_p50_ms_vs_serve"], "+.0f"),
-                  _fmt(v["added_ttft_p99_ms_vs_serve"], "+.0f"), _fmt(v["added_ttft_p50_ms_vs_direct"], "+.0f"),
-                  _fmt(v["added_ttft_p99_ms_vs_direct"], "+.0f")] for c, v in sorted(compared.items())]
-    parts += ["", "Farm against the references (ratios of output tok/s; added TTFT in ms)",
-              render_table(comp_rows, ["conc", "farm/direct", "farm/serve", "serve/direct", "+TTFT p50 vs serve",
-                                       "+TTFT p99 vs serve", "+TTFT p50 vs direct", "+TTFT p99 vs direct"])]
-    bar_rows = [[b["bar"], str(b["concurrency"]), _fmt(b["value"], ".3f"),
-                 {True: "pass", False: "FAIL", None: "n/a"}[b["passed"]]] for b in bars]
+            arm_rows.append(
+                [
+                    str(c),
+                    arm,
+                    _fmt(s["output_tok_per_s_median"], ".1f"),
+                    rounds,
+                    _fmt(s["ttft_p50_ms"], ".0f"),
+                    _fmt(s["ttft_p99_ms"], ".0f"),
+                    _fmt(s["latency_p50_ms"], ".0f"),
+                    _fmt(s["tpot_p50_ms"], ".1f"),
+                    f"{s['errors']}/{s['requests']}",
+                ]
+            )
+    parts = [
+        "Per arm (throughput: median over rounds; percentiles: all requests of all rounds)",
+        render_table(
+            arm_rows,
+            [
+                "conc",
+                "arm",
+                "out tok/s",
+                "per round",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "e2e p50 ms",
+                "TPOT p50 ms",
+                "errors",
+            ],
+        ),
+    ]
+    comp_rows = [
+        [
+            str(c),
+            _fmt(v["farm/direct"], ".3f"),
+            _fmt(v["farm/vllm-serve"], ".3f"),
+            _fmt(v["vllm-serve/direct"], ".3f"),
+            _fmt(v["added_ttft_p50_ms_vs_serve"], "+.0f"),
+            _fmt(v["added_ttft_p99_ms_vs_serve"], "+.0f"),
+            _fmt(v["added_ttft_p50_ms_vs_direct"], "+.0f"),
+            _fmt(v["added_ttft_p99_ms_vs_direct"], "+.0f"),
+        ]
+        for c, v in sorted(compared.items())
+    ]
+    parts += [
+        "",
+        "Farm against the references (ratios of output tok/s; added TTFT in ms)",
+        render_table(
+            comp_rows,
+            [
+                "conc",
+                "farm/direct",
+                "farm/serve",
+                "serve/direct",
+                "+TTFT p50 vs serve",
+                "+TTFT p99 vs serve",
+                "+TTFT p50 vs direct",
+                "+TTFT p99 vs direct",
+            ],
+        ),
+    ]
+    bar_rows = [
+        [
+            b["bar"],
+            str(b["concurrency"]),
+            _fmt(b["value"], ".3f"),
+            {True: "pass", False: "FAIL", None: "n/a"}[b["passed"]],
+        ]
+        for b in bars
+    ]
     if bar_rows:
         parts += ["", "Bars", render_table(bar_rows, ["bar", "conc", "value", "result"], left=(0, 3))]
     cpu_rows = []
     for arm in (DIRECT, SERVE, FARM):
         for c, roles in sorted(cpu.get(arm, {}).items()):
             total = sum(roles.values())
-            detail = ", ".join(f"{role} {v:.2f}" for role, v in sorted(roles.items(), key=lambda kv: -kv[1])
-                               if v >= 0.005)
+            detail = ", ".join(
+                f"{role} {v:.2f}" for role, v in sorted(roles.items(), key=lambda kv: -kv[1]) if v >= 0.005
+            )
             cpu_rows.append([str(c), arm, f"{total:.2f}", detail])
     if cpu_rows:
-        parts += ["", "CPU seconds per 1000 output tokens (median over rounds; the bench's own client included "
-                  "as `bench-client` for HTTP arms)",
-                  render_table(cpu_rows, ["conc", "arm", "total", "by process"], left=(1, 3))]
+        parts += [
+            "",
+            "CPU seconds per 1000 output tokens (median over rounds; the bench's own client included "
+            "as `bench-client` for HTTP arms)",
+            render_table(cpu_rows, ["conc", "arm", "total", "by process"], left=(1, 3)),
+        ]
     return "\n".join(parts)

@@ -103,71 +103,146 @@ def demo_engine_args() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = parser.add_argument_group("what is served")
-    what.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
-                      help="model directory (safetensors + tokenizer); default: the demo model, %(default)s")
-    what.add_argument("--engine-args", default=None,
-                      help="vLLM engine args as JSON, given to all three arms (the farm gets them as its spec's "
-                           "engine_args; the farm's defaults max_model_len=2048, disable_log_stats apply under "
-                           "them everywhere); default: the demo spec's, read from deploy/models/demo.yaml "
-                           f"(now {json.dumps(demo_engine_args())})")
-    what.add_argument("--kv-cache-gib", default=os.environ.get("FARM_CPU_KVCACHE_GIB", "2"),
-                      help="VLLM_CPU_KVCACHE_SPACE for every arm (default: FARM_CPU_KVCACHE_GIB or 2, the farm's)")
-    what.add_argument("--vllm-aot-compile", action="store_true",
-                      help="keep vLLM's AOT compile cache (its default). Off by default here: with vllm-cpu 0.32 and "
-                           "torch 2.13 it fails to load (\"'function' object has no attribute 'finalize_loading'\") "
-                           "and every start recompiles the model for minutes; VLLM_USE_AOT_COMPILE=0, given to every "
-                           "arm, uses the inductor cache, which loads. Start-up only: the compiled model is the same")
-    what.add_argument("--arms", default=",".join(ARM_NAMES),
-                      help="comma-separated subset of %(default)s (comparisons need the arms they compare)")
-    what.add_argument("--worker-concurrency", type=int, default=128,
-                      help="Celery threads of the farm's worker (raised to the highest --concurrency if lower; "
-                           "default %(default)s)")
+    what.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help="model directory (safetensors + tokenizer); default: the demo model, %(default)s",
+    )
+    what.add_argument(
+        "--engine-args",
+        default=None,
+        help="vLLM engine args as JSON, given to all three arms (the farm gets them as its spec's "
+        "engine_args; the farm's defaults max_model_len=2048, disable_log_stats apply under "
+        "them everywhere); default: the demo spec's, read from deploy/models/demo.yaml "
+        f"(now {json.dumps(demo_engine_args())})",
+    )
+    what.add_argument(
+        "--kv-cache-gib",
+        default=os.environ.get("FARM_CPU_KVCACHE_GIB", "2"),
+        help="VLLM_CPU_KVCACHE_SPACE for every arm (default: FARM_CPU_KVCACHE_GIB or 2, the farm's)",
+    )
+    what.add_argument(
+        "--vllm-aot-compile",
+        action="store_true",
+        help="keep vLLM's AOT compile cache (its default). Off by default here: with vllm-cpu 0.32 and "
+        "torch 2.13 it fails to load (\"'function' object has no attribute 'finalize_loading'\") "
+        "and every start recompiles the model for minutes; VLLM_USE_AOT_COMPILE=0, given to every "
+        "arm, uses the inductor cache, which loads. Start-up only: the compiled model is the same",
+    )
+    what.add_argument(
+        "--arms",
+        default=",".join(ARM_NAMES),
+        help="comma-separated subset of %(default)s (comparisons need the arms they compare)",
+    )
+    what.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=128,
+        help="Celery threads of the farm's worker (raised to the highest --concurrency if lower; default %(default)s)",
+    )
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", default="1,16,64",
-                      help="comma-separated concurrency levels (clients in the closed loop); default %(default)s")
-    load.add_argument("--request-rate", type=float, default=None, metavar="RPS",
-                      help="open loop instead: requests arrive as a Poisson process of RPS requests/s (exponential "
-                           "gaps, seeded, the same for every arm), and each --concurrency level caps the requests in "
-                           "flight (vLLM's --max-concurrency). vLLM's methodology runs one rate at ~70%% of the peak "
-                           "request throughput of the closed loop")
-    load.add_argument("--rounds", type=int, default=3, help="rounds; each runs every level on every arm "
-                                                            "(default %(default)s)")
-    load.add_argument("--requests-per-client", type=int, default=1,
-                      help="requests per batch = concurrency x this (at least --min-requests); default %(default)s")
+    load.add_argument(
+        "--concurrency",
+        default="1,16,64",
+        help="comma-separated concurrency levels (clients in the closed loop); default %(default)s",
+    )
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="open loop instead: requests arrive as a Poisson process of RPS requests/s (exponential "
+        "gaps, seeded, the same for every arm), and each --concurrency level caps the requests in "
+        "flight (vLLM's --max-concurrency). vLLM's methodology runs one rate at ~70%% of the peak "
+        "request throughput of the closed loop",
+    )
+    load.add_argument(
+        "--rounds", type=int, default=3, help="rounds; each runs every level on every arm (default %(default)s)"
+    )
+    load.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=1,
+        help="requests per batch = concurrency x this (at least --min-requests); default %(default)s",
+    )
     load.add_argument("--min-requests", type=int, default=4, help="default %(default)s")
-    load.add_argument("--input-tokens", type=int, default=128,
-                      help="prompt length after the chat template, in tokens; default %(default)s")
-    load.add_argument("--output-tokens", type=int, default=64,
-                      help="generated tokens per request (max_tokens, ignore_eos); default %(default)s")
-    load.add_argument("--warmup-requests", type=int, default=None,
-                      help="warm-up requests per arm at the highest concurrency (default: that concurrency)")
+    load.add_argument(
+        "--input-tokens",
+        type=int,
+        default=128,
+        help="prompt length after the chat template, in tokens; default %(default)s",
+    )
+    load.add_argument(
+        "--output-tokens",
+        type=int,
+        default=64,
+        help="generated tokens per request (max_tokens, ignore_eos); default %(default)s",
+    )
+    load.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="warm-up requests per arm at the highest concurrency (default: that concurrency)",
+    )
     load.add_argument("--warmup-output-tokens", type=int, default=16, help="default %(default)s")
     load.add_argument("--seed", type=int, default=0, help="prompt generator seed (default %(default)s)")
     run = parser.add_argument_group("run")
-    run.add_argument("--layout", choices=("interleaved", "sequential"), default="interleaved",
-                     help="interleaved: all arms up, rounds alternate arms (default); sequential: one arm up at a "
-                          "time (less memory, more exposure to drift)")
-    run.add_argument("--quick", action="store_true",
-                     help="smoke run: concurrency 1,4, one round, 32 input / 16 output tokens, 4 warm-up requests "
-                          "(explicit options still win)")
-    run.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
-                     help="first wait (polling every 30 s) until the 1-minute load average is below LOAD")
-    run.add_argument("--wait-timeout", type=float, default=1200.0,
-                     help="give up waiting for --wait-for-load after this many seconds and run anyway, noting it "
-                          "in the results (default %(default)s)")
-    run.add_argument("--start-timeout", type=float, default=900.0,
-                     help="seconds each arm may take to become ready (a first start compiles); default %(default)s")
-    run.add_argument("--settle-timeout", type=float, default=20.0,
-                     help="longest wait for all arms to go idle before a batch (default %(default)s)")
+    run.add_argument(
+        "--layout",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="interleaved: all arms up, rounds alternate arms (default); sequential: one arm up at a "
+        "time (less memory, more exposure to drift)",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: concurrency 1,4, one round, 32 input / 16 output tokens, 4 warm-up requests "
+        "(explicit options still win)",
+    )
+    run.add_argument(
+        "--wait-for-load",
+        type=float,
+        default=None,
+        metavar="LOAD",
+        help="first wait (polling every 30 s) until the 1-minute load average is below LOAD",
+    )
+    run.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=1200.0,
+        help="give up waiting for --wait-for-load after this many seconds and run anyway, noting it "
+        "in the results (default %(default)s)",
+    )
+    run.add_argument(
+        "--start-timeout",
+        type=float,
+        default=900.0,
+        help="seconds each arm may take to become ready (a first start compiles); default %(default)s",
+    )
+    run.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=20.0,
+        help="longest wait for all arms to go idle before a batch (default %(default)s)",
+    )
     run.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
     args = parser.parse_args(argv)
     if args.quick:
         given = set(argv)
-        for flag, value in (("--concurrency", "1,4"), ("--rounds", 1), ("--input-tokens", 64),
-                            ("--output-tokens", 16), ("--warmup-requests", 4), ("--min-requests", 4)):
+        for flag, value in (
+            ("--concurrency", "1,4"),
+            ("--rounds", 1),
+            ("--input-tokens", 64),
+            ("--output-tokens", 16),
+            ("--warmup-requests", 4),
+            ("--min-requests", 4),
+        ):
             if flag not in given and not any(a.startswith(flag + "=") for a in given):
                 setattr(args, flag[2:].replace("-", "_"), value)
     args.levels = sorted({int(x) for x in str(args.concurrency).split(",") if x.strip()})
@@ -180,8 +255,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.warmup_requests is None:
         args.warmup_requests = max(args.levels)
     if not (args.model_dir / "config.json").is_file():
-        parser.error(f"{args.model_dir} is not a model directory; create the demo model with "
-                     "`.venv/bin/python -m gpu_workers.model_store prepare-demo models/`")
+        parser.error(
+            f"{args.model_dir} is not a model directory; create the demo model with "
+            "`.venv/bin/python -m gpu_workers.model_store prepare-demo models/`"
+        )
     return args
 
 
@@ -207,12 +284,14 @@ def build_prompts(args: argparse.Namespace) -> PromptBook:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
 
     def length(text: str) -> int:  # as every arm counts it: chat template rendered, then encoded
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         return len(tokenizer.encode(rendered, add_special_tokens=False))
 
-    words = sorted({w for w in (tokenizer.decode([i]) for i in range(len(tokenizer)))
-                    if re.fullmatch(r" [a-z]{3,9}", w)})
+    words = sorted(
+        {w for w in (tokenizer.decode([i]) for i in range(len(tokenizer))) if re.fullmatch(r" [a-z]{3,9}", w)}
+    )
     overhead = length("")
     if args.input_tokens <= overhead + 4:
         raise SystemExit(f"--input-tokens must exceed the chat template's {overhead} tokens")
@@ -276,8 +355,11 @@ def host_info() -> dict[str, Any]:
         except Exception:
             versions[package] = "?"
     return {
-        "hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "versions": versions, "git_commit": git("rev-parse", "HEAD"),
+        "hostname": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": git("rev-parse", "HEAD"),
         "git_dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()],
     }
 
@@ -286,8 +368,13 @@ def make_arms(args: argparse.Namespace, log_dir: Path) -> list[Arm]:
     env_overrides = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     if not args.vllm_aot_compile:
         env_overrides["VLLM_USE_AOT_COMPILE"] = "0"
-    common = {"model_dir": args.model_dir.resolve(), "engine_args": args.engine_args_dict,
-              "env_overrides": env_overrides, "log_dir": log_dir, "temperature": 1.0}
+    common = {
+        "model_dir": args.model_dir.resolve(),
+        "engine_args": args.engine_args_dict,
+        "env_overrides": env_overrides,
+        "log_dir": log_dir,
+        "temperature": 1.0,
+    }
     arms: list[Arm] = []
     for name in ARM_NAMES:  # fixed order: direct first fills the compile cache for the others
         if name not in args.arm_names:
@@ -332,8 +419,18 @@ class Recorder:
             if cores < IDLE_CORES or waited > self.args.settle_timeout:
                 return waited, cores
 
-    async def batch(self, *, arms: list[Arm], arm: Arm, round_index: int, concurrency: int, prompts: list[str],
-                    max_tokens: int, label: str, arrivals: list[float] | None = None) -> Batch:
+    async def batch(
+        self,
+        *,
+        arms: list[Arm],
+        arm: Arm,
+        round_index: int,
+        concurrency: int,
+        prompts: list[str],
+        max_tokens: int,
+        label: str,
+        arrivals: list[float] | None = None,
+    ) -> Batch:
         settle_s, idle = await self.settle(arms)
         before = self.snapshots(arms)
         batch = await arm.run(prompts, concurrency, max_tokens, arrivals)
@@ -343,18 +440,30 @@ class Recorder:
         if arm.name != "direct":  # the direct arm's client is inside its own process
             own["bench-client"] = sum(spent["bench-client"].values())
         others = sum(sum(roles.values()) for name, roles in spent.items() if name not in (arm.name, "bench-client"))
-        self.batches.append({
-            "label": label, "round": round_index, "concurrency": concurrency, "arm": arm.name,
-            "max_tokens": max_tokens, "request_rate": self.args.request_rate if arrivals else None,
-            "settle_s": settle_s, "idle_cores_before": idle, "stats": stats,
-            "cpu_s": own, "other_arms_cores": others / batch.elapsed_s if batch.elapsed_s else None,
-            "samples": [s.as_dict() for s in batch.samples],
-        })
+        self.batches.append(
+            {
+                "label": label,
+                "round": round_index,
+                "concurrency": concurrency,
+                "arm": arm.name,
+                "max_tokens": max_tokens,
+                "request_rate": self.args.request_rate if arrivals else None,
+                "settle_s": settle_s,
+                "idle_cores_before": idle,
+                "stats": stats,
+                "cpu_s": own,
+                "other_arms_cores": others / batch.elapsed_s if batch.elapsed_s else None,
+                "samples": [s.as_dict() for s in batch.samples],
+            }
+        )
         errors = f", {stats['errors']} errors: {stats['first_errors']}" if stats["errors"] else ""
-        print(f"  [{label}] c={concurrency:<3} {arm.name:<10} {stats['output_tok_per_s']:7.1f} out tok/s  "
-              f"TTFT p50 {report._fmt(stats['ttft_p50_ms'], '.0f'):>6} ms  "
-              f"TPOT p50 {report._fmt(stats['tpot_p50_ms'], '.1f'):>5} ms  "
-              f"{stats['requests']} req in {batch.elapsed_s:.1f}s  (settled {settle_s:.1f}s){errors}", flush=True)
+        print(
+            f"  [{label}] c={concurrency:<3} {arm.name:<10} {stats['output_tok_per_s']:7.1f} out tok/s  "
+            f"TTFT p50 {report._fmt(stats['ttft_p50_ms'], '.0f'):>6} ms  "
+            f"TPOT p50 {report._fmt(stats['tpot_p50_ms'], '.1f'):>5} ms  "
+            f"{stats['requests']} req in {batch.elapsed_s:.1f}s  (settled {settle_s:.1f}s){errors}",
+            flush=True,
+        )
         return batch
 
     async def bring_up(self, arm: Arm) -> None:
@@ -367,14 +476,23 @@ class Recorder:
 
     async def warm_and_idle(self, arms: list[Arm], warm: list[Arm], book: PromptBook) -> None:
         for arm in warm:
-            await self.batch(arms=arms, arm=arm, round_index=-1, concurrency=max(self.args.levels),
-                             prompts=book.warmup, max_tokens=self.args.warmup_output_tokens, label="warm-up")
+            await self.batch(
+                arms=arms,
+                arm=arm,
+                round_index=-1,
+                concurrency=max(self.args.levels),
+                prompts=book.warmup,
+                max_tokens=self.args.warmup_output_tokens,
+                label="warm-up",
+            )
         await self.settle(arms)
         idle = await self.idle_cores(arms, 3.0)
         for arm in warm:
             self.arm_info[arm.name]["idle_cores"] = idle.get(arm.name)
-        print("  idle CPU after warm-up (cores): " + ", ".join(f"{a.name} {idle.get(a.name, 0):.3f}" for a in warm),
-              flush=True)
+        print(
+            "  idle CPU after warm-up (cores): " + ", ".join(f"{a.name} {idle.get(a.name, 0):.3f}" for a in warm),
+            flush=True,
+        )
 
 
 async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], recorder: Recorder) -> None:
@@ -386,11 +504,18 @@ async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], 
                 await recorder.bring_up(arm)
             await recorder.warm_and_idle(started, started, book)
             for r in range(args.rounds):
-                order = arms[r % len(arms):] + arms[:r % len(arms)]
+                order = arms[r % len(arms) :] + arms[: r % len(arms)]
                 for c, arm in [(c, arm) for c in args.levels for arm in order]:
-                    await recorder.batch(arms=started, arm=arm, round_index=r, concurrency=c,
-                                         prompts=book.batches[(r, c)], max_tokens=args.output_tokens,
-                                         label=f"round {r + 1}/{args.rounds}", arrivals=book.arrival_times(r, c))
+                    await recorder.batch(
+                        arms=started,
+                        arm=arm,
+                        round_index=r,
+                        concurrency=c,
+                        prompts=book.batches[(r, c)],
+                        max_tokens=args.output_tokens,
+                        label=f"round {r + 1}/{args.rounds}",
+                        arrivals=book.arrival_times(r, c),
+                    )
         else:
             for arm in arms:
                 started.append(arm)
@@ -398,10 +523,16 @@ async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], 
                 await recorder.warm_and_idle([arm], [arm], book)
                 for r in range(args.rounds):
                     for c in args.levels:
-                        await recorder.batch(arms=[arm], arm=arm, round_index=r, concurrency=c,
-                                             prompts=book.batches[(r, c)], max_tokens=args.output_tokens,
-                                             label=f"round {r + 1}/{args.rounds}",
-                                             arrivals=book.arrival_times(r, c))
+                        await recorder.batch(
+                            arms=[arm],
+                            arm=arm,
+                            round_index=r,
+                            concurrency=c,
+                            prompts=book.batches[(r, c)],
+                            max_tokens=args.output_tokens,
+                            label=f"round {r + 1}/{args.rounds}",
+                            arrivals=book.arrival_times(r, c),
+                        )
                 await stop_arm(arm)
                 started.remove(arm)
     finally:
@@ -429,17 +560,26 @@ def summarize(args: argparse.Namespace, recorder: Recorder) -> dict[str, Any]:
                 continue
             summary.setdefault(arm, {})[c] = report.arm_summary(
                 Batch.from_dict({"concurrency": c, "elapsed_s": b["stats"]["elapsed_s"], "samples": b["samples"]})
-                for b in mine)
+                for b in mine
+            )
             roles = sorted({role for b in mine for role in b["cpu_s"]})
             cpu.setdefault(arm, {})[c] = {
-                role: statistics.median(1000 * b["cpu_s"].get(role, 0.0) / max(1, b["stats"]["output_tokens"])
-                                        for b in mine) for role in roles}
+                role: statistics.median(
+                    1000 * b["cpu_s"].get(role, 0.0) / max(1, b["stats"]["output_tokens"]) for b in mine
+                )
+                for role in roles
+            }
             idle = [b["other_arms_cores"] for b in mine if b["other_arms_cores"] is not None]
             if idle:
                 others.setdefault(arm, {})[c] = statistics.median(idle)
     compared = report.comparisons(summary)
-    return {"summary": summary, "comparisons": compared, "checks": report.checks(compared),
-            "cpu_s_per_1k_output_tokens": cpu, "other_arms_cores_during_batch": others}
+    return {
+        "summary": summary,
+        "comparisons": compared,
+        "checks": report.checks(compared),
+        "cpu_s_per_1k_output_tokens": cpu,
+        "other_arms_cores_during_batch": others,
+    }
 
 
 async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
@@ -457,10 +597,13 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     book = build_prompts(args)
     total = sum(len(p) for p in book.batches.values())
     rate = f" at {args.request_rate} req/s (Poisson)" if args.request_rate else ""
-    print(f"{len(args.arm_names)} arms x {args.rounds} rounds x concurrency {args.levels}{rate}: {total} requests "
-          "per arm, "
-          f"{book.prompt_tokens[0]}-{book.prompt_tokens[1]} prompt tokens -> {args.output_tokens} output tokens "
-          f"each; logs in {log_dir}", flush=True)
+    print(
+        f"{len(args.arm_names)} arms x {args.rounds} rounds x concurrency {args.levels}{rate}: {total} requests "
+        "per arm, "
+        f"{book.prompt_tokens[0]}-{book.prompt_tokens[1]} prompt tokens -> {args.output_tokens} output tokens "
+        f"each; logs in {log_dir}",
+        flush=True,
+    )
     recorder = Recorder(args)
     arms = make_arms(args, log_dir)
     error: str | None = None
@@ -475,8 +618,11 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     load_after = loadavg()
     figures = summarize(args, recorder)
     results = {
-        "schema": 1, "started_at": started_at, "finished_at": datetime.now(UTC).isoformat(),
-        "command": [sys.executable, "-m", "bench.throughput", *argv], "error": error,
+        "schema": 1,
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "command": [sys.executable, "-m", "bench.throughput", *argv],
+        "error": error,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "host": {**host_info(), "loadavg_before": load_before, "loadavg_after": load_after, "quiet_wait": waited},
         "prompt_tokens": book.prompt_tokens,
@@ -486,10 +632,15 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     }
     results_path.write_text(json.dumps(results, indent=1, default=str))
     print()
-    print(report.render(figures["summary"], figures["comparisons"], figures["checks"],
-                        figures["cpu_s_per_1k_output_tokens"]))
-    print(f"\nload average before: {' '.join(f'{x:.2f}' for x in load_before)}   after: "
-          f"{' '.join(f'{x:.2f}' for x in load_after)}")
+    print(
+        report.render(
+            figures["summary"], figures["comparisons"], figures["checks"], figures["cpu_s_per_1k_output_tokens"]
+        )
+    )
+    print(
+        f"\nload average before: {' '.join(f'{x:.2f}' for x in load_before)}   after: "
+        f"{' '.join(f'{x:.2f}' for x in load_after)}"
+    )
     print(f"results: {results_path}\nlogs:    {log_dir}")
     return 1 if error else 0
 

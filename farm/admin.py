@@ -81,8 +81,13 @@ class JobEventInline(admin.TabularInline):
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
     list_display = ("id", "kind", "model", "spec", "status", "attempt", "owner", "created_at", "finished_at")
-    list_filter = ("status", "kind", "model", ("owner", admin.RelatedOnlyFieldListFilter),
-                   ("created_at", admin.DateFieldListFilter))
+    list_filter = (
+        "status",
+        "kind",
+        "model",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        ("created_at", admin.DateFieldListFilter),
+    )
     search_fields = ("id", "owner__username", "worker_id", "request_id")
     actions = [admin_actions.cancel_jobs, admin_actions.retry_jobs]
     readonly_fields = [f.name for f in Job._meta.fields]

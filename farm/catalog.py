@@ -56,12 +56,18 @@ def _load_models() -> dict[str, ModelEntry]:
         serving = model.base if model.base_id is not None else model  # a fine-tuned model runs on its base's specs
         specs = tuple(
             SpecEntry(id=s.pk, name=s.name, engine=s.engine, weight=s.weight, min_replicas=s.min_replicas)
-            for s in serving.specs.all() if s.enabled
+            for s in serving.specs.all()
+            if s.enabled
         )
         adapter = AdapterEntry(lora_id=model.pk, file_id=model.adapter_file_id) if model.adapter_file_id else None
         entries[model.name] = ModelEntry(
-            id=model.pk, name=model.name, owned_by=model.owned_by, created=int(model.created_at.timestamp()),
-            specs=specs, adapter=adapter, owner_id=model.owner_id,
+            id=model.pk,
+            name=model.name,
+            owned_by=model.owned_by,
+            created=int(model.created_at.timestamp()),
+            specs=specs,
+            adapter=adapter,
+            owner_id=model.owner_id,
         )
     return entries
 
@@ -85,9 +91,13 @@ def spec_definition(spec: ModelSpec) -> dict[str, Any]:
     """A spec with the model's defaults applied: what a worker needs to load it."""
     args = {**(spec.model.engine_args or {}), **(spec.engine_args or {})}
     return {
-        "name": spec.name, "model": spec.model.name, "engine": spec.engine,
-        "source": spec.source or spec.model.source, "engine_args": args,
-        "resource_profile": spec.resource_profile, "queue": queues.infer_queue(spec.name),
+        "name": spec.name,
+        "model": spec.model.name,
+        "engine": spec.engine,
+        "source": spec.source or spec.model.source,
+        "engine_args": args,
+        "resource_profile": spec.resource_profile,
+        "queue": queues.infer_queue(spec.name),
     }
 
 
@@ -105,22 +115,40 @@ def spec_catalog_publish() -> int:
     return len(mapping)
 
 
-def model_upsert(*, name: str, source: str = "", engine_args: dict[str, Any] | None = None,
-                 owned_by: str = "farm") -> Model:
+def model_upsert(
+    *, name: str, source: str = "", engine_args: dict[str, Any] | None = None, owned_by: str = "farm"
+) -> Model:
     model, _ = Model.objects.update_or_create(
-        name=name, defaults={"source": source, "engine_args": engine_args or {}, "owned_by": owned_by},
+        name=name,
+        defaults={"source": source, "engine_args": engine_args or {}, "owned_by": owned_by},
     )
     return model
 
 
-def spec_upsert(*, model: Model, name: str, engine: str, source: str = "", engine_args: dict[str, Any] | None = None,
-                resource_profile: str = "cpu", min_replicas: int = 0, weight: int = 100) -> ModelSpec:
+def spec_upsert(
+    *,
+    model: Model,
+    name: str,
+    engine: str,
+    source: str = "",
+    engine_args: dict[str, Any] | None = None,
+    resource_profile: str = "cpu",
+    min_replicas: int = 0,
+    weight: int = 100,
+) -> ModelSpec:
     if not queues.is_valid_name(name):
         raise ValueError(f"spec name {name!r} must be lowercase letters, digits, '.', '_' or '-'")
     spec, _ = ModelSpec.objects.update_or_create(
         name=name,
-        defaults={"model": model, "engine": engine, "source": source, "engine_args": engine_args or {},
-                  "resource_profile": resource_profile, "min_replicas": min_replicas, "weight": weight},
+        defaults={
+            "model": model,
+            "engine": engine,
+            "source": source,
+            "engine_args": engine_args or {},
+            "resource_profile": resource_profile,
+            "min_replicas": min_replicas,
+            "weight": weight,
+        },
     )
     return spec
 
@@ -135,11 +163,20 @@ def catalog_load(data: dict[str, Any]) -> list[ModelSpec]:
     specs: list[ModelSpec] = []
     with transaction.atomic():
         for declared in catalog_file_parse(data):
-            model = model_upsert(name=declared.name, source=declared.source, engine_args=declared.engine_args,
-                                 owned_by=declared.owned_by)
+            model = model_upsert(
+                name=declared.name, source=declared.source, engine_args=declared.engine_args, owned_by=declared.owned_by
+            )
             for spec in declared.specs:
-                specs.append(spec_upsert(
-                    model=model, name=spec.name, engine=spec.engine, source=spec.source, engine_args=spec.engine_args,
-                    resource_profile=spec.resource_profile, min_replicas=spec.min_replicas, weight=spec.weight,
-                ))
+                specs.append(
+                    spec_upsert(
+                        model=model,
+                        name=spec.name,
+                        engine=spec.engine,
+                        source=spec.source,
+                        engine_args=spec.engine_args,
+                        resource_profile=spec.resource_profile,
+                        min_replicas=spec.min_replicas,
+                        weight=spec.weight,
+                    )
+                )
     return specs

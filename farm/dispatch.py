@@ -16,20 +16,39 @@ def inference_adapter(*, job_id: str, attempt: int, name: str, lora_id: int, fil
     it through the API (`GET /api/jobs/<id>/adapter`)."""
     from farm.job_tokens import job_token_mint
 
-    return {"name": name, "lora_id": lora_id, "file_id": file_id,
-            "token": job_token_mint(job_id=job_id, attempt=attempt)}
+    return {
+        "name": name,
+        "lora_id": lora_id,
+        "file_id": file_id,
+        "token": job_token_mint(job_id=job_id, attempt=attempt),
+    }
 
 
-def inference_publish(*, job_id: str, attempt: int, spec: str, kind: str, request: dict[str, Any],
-                      deadline: float, countdown: float = 0.0, adapter: dict[str, Any] | None = None,
-                      stream_tokens: bool = True) -> None:
+def inference_publish(
+    *,
+    job_id: str,
+    attempt: int,
+    spec: str,
+    kind: str,
+    request: dict[str, Any],
+    deadline: float,
+    countdown: float = 0.0,
+    adapter: dict[str, Any] | None = None,
+    stream_tokens: bool = True,
+) -> None:
     """Sends the inference task to `infer.<spec>` (after `countdown` seconds, for retry backoff).
     `stream_tokens=False` when nobody reads the job's tokens as they come (batch lines): the worker then writes
     only the outcome, which saves a Redis write and an engine output per token."""
     from farm.celery import app
 
-    kwargs = {"job_id": job_id, "attempt": attempt, "spec": spec, "kind": kind, "request": request,
-              "deadline": deadline}
+    kwargs = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "spec": spec,
+        "kind": kind,
+        "request": request,
+        "deadline": deadline,
+    }
     if adapter is not None:
         kwargs["adapter"] = adapter
     if not stream_tokens:

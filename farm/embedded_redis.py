@@ -25,16 +25,32 @@ def server_binary() -> Path:
     return binary
 
 
-def start_embedded_redis(*, port: int, data_dir: Path, log_file: Path, timeout_s: float = 20.0,
-                         persistent: bool = True) -> subprocess.Popen:
+def start_embedded_redis(
+    *, port: int, data_dir: Path, log_file: Path, timeout_s: float = 20.0, persistent: bool = True
+) -> subprocess.Popen:
     """Starts the server on 127.0.0.1:`port` and waits until it answers PING. `persistent=False` keeps nothing
     across restarts (tests use it to play a Redis that loses its queues)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--appendonly", "yes" if persistent else "no", "--appendfsync", "everysec", "--save", "",
-        "--maxmemory-policy", "noeviction",
-        "--logfile", str(log_file), "--daemonize", "no",
+        str(server_binary()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes" if persistent else "no",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--maxmemory-policy",
+        "noeviction",
+        "--logfile",
+        str(log_file),
+        "--daemonize",
+        "no",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis.Redis(port=port)

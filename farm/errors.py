@@ -8,8 +8,16 @@ class FarmError(Exception):
     type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, status: int | None = None, type: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param

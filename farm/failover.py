@@ -95,8 +95,12 @@ def jobs_failover_queued(*, now: datetime, after_s: float) -> list[str]:
     (`job_requeue`); one that no live spec can take stays where it is (its deadline still bounds it)."""
     live = live_workers_sync()[0]
     epoch = now.timestamp()
-    served = {name for worker in live if worker.accepts_work and worker.fresh(epoch)
-              for name in (*worker.specs, *worker.lazy_specs)}
+    served = {
+        name
+        for worker in live
+        if worker.accepts_work and worker.fresh(epoch)
+        for name in (*worker.specs, *worker.lazy_specs)
+    }
     stranded = (
         Job.objects.select_related("spec", "model")
         .filter(

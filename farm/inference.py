@@ -65,12 +65,18 @@ async def spec_choose(model: ModelEntry) -> str:
     no replica serves it, 429 with Retry-After when every replica is saturated and the queues are over the bound."""
     now = time.time()
     names = [s.name for s in model.specs]
-    states = spec_states([(s.name, s.weight) for s in model.specs], await live_workers_serving(names), now=now,
-                         backoffs=await spec_backoffs())
+    states = spec_states(
+        [(s.name, s.weight) for s in model.specs],
+        await live_workers_serving(names),
+        now=now,
+        backoffs=await spec_backoffs(),
+    )
     choice = route_request(states, now=now)
     if choice is None:
-        raise Unavailable(f"No worker is serving `{model.name}` right now; retry shortly.",
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise Unavailable(
+            f"No worker is serving `{model.name}` right now; retry shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if choice.saturated and env.FARM_OVERLOAD_QUEUE_BOUND >= 0:  # queue depths are read only when it may matter
         live = [state for state in states if state.live_replicas > 0]
         depths = await queue_depths([state.name for state in live])
@@ -79,38 +85,70 @@ async def spec_choose(model: ModelEntry) -> str:
             raise ModelOverloaded(
                 f"`{model.name}` is overloaded: every replica is busy and {sum(depths.values())} requests are "
                 "waiting; retry after the delay in Retry-After.",
-                headers={"Retry-After": str(env.FARM_OVERLOAD_RETRY_AFTER_S)})
+                headers={"Retry-After": str(env.FARM_OVERLOAD_RETRY_AFTER_S)},
+            )
     return choice.name
 
 
-def _create_and_publish(*, principal: KeyPrincipal, kind: str, model: ModelEntry, spec_name: str,
-                        request: dict[str, Any], deadline: float, request_id: str = "") -> str:
+def _create_and_publish(
+    *,
+    principal: KeyPrincipal,
+    kind: str,
+    model: ModelEntry,
+    spec_name: str,
+    request: dict[str, Any],
+    deadline: float,
+    request_id: str = "",
+) -> str:
     spec_id = next(s.id for s in model.specs if s.name == spec_name)
     with transaction.atomic():
         job = jobs.job_create(
-            owner_id=principal.owner_id, api_key_id=principal.key_id, kind=kind, model_id=model.id, spec_id=spec_id,
-            request=request, deadline_at=datetime.fromtimestamp(deadline, tz=UTC), request_id=request_id,
+            owner_id=principal.owner_id,
+            api_key_id=principal.key_id,
+            kind=kind,
+            model_id=model.id,
+            spec_id=spec_id,
+            request=request,
+            deadline_at=datetime.fromtimestamp(deadline, tz=UTC),
+            request_id=request_id,
         )
     job_id = str(job.pk)
     log.info("job %s queued on %s for key %s", job_id, spec_name, principal.prefix)
     try:
         adapter = None
         if model.adapter is not None:  # a fine-tuned model: the base's spec loads the adapter (LoRA)
-            adapter = inference_adapter(job_id=job_id, attempt=1, name=model.name, lora_id=model.adapter.lora_id,
-                                        file_id=model.adapter.file_id)
-        inference_publish(job_id=job_id, attempt=1, spec=spec_name, kind=kind, request=request, deadline=deadline,
-                          adapter=adapter)
+            adapter = inference_adapter(
+                job_id=job_id, attempt=1, name=model.name, lora_id=model.adapter.lora_id, file_id=model.adapter.file_id
+            )
+        inference_publish(
+            job_id=job_id, attempt=1, spec=spec_name, kind=kind, request=request, deadline=deadline, adapter=adapter
+        )
     except Exception as exc:  # broker down: the client is told, and the row does not stay queued
         log.error("job %s: publish to %s failed: %s", job_id, spec_name, exc)
-        jobs.job_apply_event(job_id=job_id, attempt=1, kind=JobStatus.FAILED, worker_id="",
-                             detail={"error": {"code": "broker_unavailable", "message": str(exc)}})
-        raise Unavailable("The job queue is unavailable; retry shortly.", code="broker_unavailable",
-                          headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        jobs.job_apply_event(
+            job_id=job_id,
+            attempt=1,
+            kind=JobStatus.FAILED,
+            worker_id="",
+            detail={"error": {"code": "broker_unavailable", "message": str(exc)}},
+        )
+        raise Unavailable(
+            "The job queue is unavailable; retry shortly.",
+            code="broker_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
     return job_id
 
 
-async def inference_submit(*, principal: KeyPrincipal, kind: str, model_name: str, request: dict[str, Any],
-                           timeout_s: float, request_id: str = "") -> Submission:
+async def inference_submit(
+    *,
+    principal: KeyPrincipal,
+    kind: str,
+    model_name: str,
+    request: dict[str, Any],
+    timeout_s: float,
+    request_id: str = "",
+) -> Submission:
     """Validated request in, queued job out (committed before its message is published). The key's policy and
     limits are checked by the caller before (`api_key_check_request`, `farm.rate_limits`)."""
     model = await model_resolve(model_name, owner_id=principal.owner_id)
@@ -119,6 +157,14 @@ async def inference_submit(*, principal: KeyPrincipal, kind: str, model_name: st
     spec_name = await spec_choose_waiting(model, wait_s=wait_s)
     now = time.time()
     deadline = started + timeout_s  # time spent waiting for room counts against the request's deadline
-    job_id = await run_db(_create_and_publish, principal=principal, kind=kind, model=model, spec_name=spec_name,
-                          request=request, deadline=deadline, request_id=request_id)
+    job_id = await run_db(
+        _create_and_publish,
+        principal=principal,
+        kind=kind,
+        model=model,
+        spec_name=spec_name,
+        request=request,
+        deadline=deadline,
+        request_id=request_id,
+    )
     return Submission(job_id=job_id, model=model.name, spec=spec_name, created=int(now), deadline=deadline)

@@ -66,8 +66,8 @@ def _rest_of(sent: str, text: str, final: End | Failure) -> list[StreamEvent]:
     if not text.startswith(sent):  # what was sent belongs to an earlier attempt
         events.append(Restart(attempt=0))
         sent = ""
-    if text[len(sent):]:
-        events.append(Delta(text=text[len(sent):], tokens=0))
+    if text[len(sent) :]:
+        events.append(Delta(text=text[len(sent) :], tokens=0))
     return [*events, final]
 
 
@@ -83,14 +83,17 @@ def job_row_outcome(job_id: str) -> tuple[str, End | Failure] | None:
     message = error.get("message", "")
     if job["status"] == JobStatus.SUCCEEDED:
         result = job["result"] or {}
-        return result.get("text", ""), End(finish_reason=result.get("finish_reason") or "stop",
-                                           prompt_tokens=usage.get("prompt_tokens", 0),
-                                           completion_tokens=usage.get("completion_tokens", 0))
+        return result.get("text", ""), End(
+            finish_reason=result.get("finish_reason") or "stop",
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+        )
     if job["status"] == JobStatus.CANCELED:
         return "", Failure(409, "invalid_request_error", "canceled", "The job was canceled.")
     if job["status"] == JobStatus.TIMED_OUT:
-        return "", Failure(504, "timeout_error", "deadline_exceeded",
-                           message or "The request did not finish before its deadline.")
+        return "", Failure(
+            504, "timeout_error", "deadline_exceeded", message or "The request did not finish before its deadline."
+        )
     code = error.get("code", "internal_error")
     if code in SERVER_ERROR_CODES:
         return "", Failure(503, "server_error", code, message or "The job failed.")

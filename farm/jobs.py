@@ -64,16 +64,31 @@ RETRY_POLICY = RetryPolicy()
 
 
 def job_create(
-    *, owner_id: int, api_key_id: int | None, kind: str, model_id: int, spec_id: int | None, request: dict[str, Any],
-    deadline_at: datetime, depends_on: list[str] | None = None, max_attempts: int | None = None,
+    *,
+    owner_id: int,
+    api_key_id: int | None,
+    kind: str,
+    model_id: int,
+    spec_id: int | None,
+    request: dict[str, Any],
+    deadline_at: datetime,
+    depends_on: list[str] | None = None,
+    max_attempts: int | None = None,
     request_id: str = "",
 ) -> Job:
     """A queued job. With `depends_on` it waits (not published, `dispatched_at` empty) until those jobs succeed;
     `jobs_release_dependents` publishes it then, or fails it when one of them did not succeed."""
     job = Job.objects.create(
-        owner_id=owner_id, api_key_id=api_key_id, kind=kind, model_id=model_id, spec_id=spec_id, request=request,
-        deadline_at=deadline_at, max_attempts=max_attempts or RETRY_POLICY.max_attempts,
-        dispatched_at=None if depends_on else timezone.now(), request_id=request_id,
+        owner_id=owner_id,
+        api_key_id=api_key_id,
+        kind=kind,
+        model_id=model_id,
+        spec_id=spec_id,
+        request=request,
+        deadline_at=deadline_at,
+        max_attempts=max_attempts or RETRY_POLICY.max_attempts,
+        dispatched_at=None if depends_on else timezone.now(),
+        request_id=request_id,
     )
     if depends_on:
         job.depends_on.set(depends_on)
@@ -96,8 +111,9 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def job_transition(*, job_id: str, attempt: int | None, to: str, worker_id: str = "",
-                   detail: dict[str, Any] | None = None) -> bool:
+def job_transition(
+    *, job_id: str, attempt: int | None, to: str, worker_id: str = "", detail: dict[str, Any] | None = None
+) -> bool:
     """Moves the job to `to` if it is in a state that may go there (and on `attempt`, when given)."""
     detail = _storable(detail or {})
     allowed = _ALLOWED_FROM.get(to)
@@ -137,7 +153,8 @@ def _start_if_queued(job_id: str, attempt: int, worker_id: str, now: datetime) -
     attempt's success can land first. A success proves the attempt ran, so its `running` is recorded here, in
     order, and the late message then finds the job ended (a no-op). History and `started_at` stay exact."""
     started = Job.objects.filter(pk=job_id, attempt=attempt, status=JobStatus.QUEUED).update(
-        status=JobStatus.RUNNING, worker_id=worker_id, started_at=now)
+        status=JobStatus.RUNNING, worker_id=worker_id, started_at=now
+    )
     if started:
         _record(job_id, JobStatus.RUNNING, attempt, worker_id, {"inferred": "the outcome arrived first"})
 
@@ -168,8 +185,13 @@ def job_requeue(*, job_id: str, attempt: int, reason: str, worker_id: str = "") 
             transaction.on_commit(lambda: _announce_failure(job_id, error))
             transaction.on_commit(lambda: jobs_release_dependents(job_id=job_id))
             return Requeued(attempt=None)
-        Job.objects.filter(pk=job_id).update(status=JobStatus.QUEUED, attempt=F("attempt") + 1, worker_id="",
-                                             started_at=None, dispatched_at=timezone.now())
+        Job.objects.filter(pk=job_id).update(
+            status=JobStatus.QUEUED,
+            attempt=F("attempt") + 1,
+            worker_id="",
+            started_at=None,
+            dispatched_at=timezone.now(),
+        )
         _record(job_id, "requeued", attempt, worker_id, {"reason": reason, "next_attempt": attempt + 1})
         return Requeued(attempt=attempt + 1)
 
@@ -200,8 +222,9 @@ def job_apply_event(*, job_id: str, attempt: int, kind: str, worker_id: str, det
 
             failed = kind != "requeue"
             delay = RETRY_POLICY.delay_s(requeued.attempt) if failed else 0.0
-            transaction.on_commit(lambda: job_failover_dispatch(job_id=job_id, failed=failed, countdown=delay,
-                                                                reason=reason))
+            transaction.on_commit(
+                lambda: job_failover_dispatch(job_id=job_id, failed=failed, countdown=delay, reason=reason)
+            )
         return requeued is not None
     if kind not in _ALLOWED_FROM:
         log.warning("job %s: unknown event %r ignored", job_id, kind)
@@ -209,8 +232,9 @@ def job_apply_event(*, job_id: str, attempt: int, kind: str, worker_id: str, det
     return job_transition(job_id=job_id, attempt=attempt, to=kind, worker_id=worker_id, detail=detail)
 
 
-def job_apply_events(*, events: list[dict[str, Any]],
-                     apply_alone: Callable[[dict[str, Any]], None] | None = None) -> int:
+def job_apply_events(
+    *, events: list[dict[str, Any]], apply_alone: Callable[[dict[str, Any]], None] | None = None
+) -> int:
     """Applies a worker's coalesced events (`job_apply_event` keywords) in order, each in its own transaction: one
     transaction for all of them would lock many job rows at once and deadlock against a batch cancel locking them
     in another order (seen: PostgreSQL aborted the cancel, a 503). An event that raises is handed to `apply_alone`
@@ -259,7 +283,8 @@ def job_record_canceled_usage(*, job_id: str, attempt: int, worker_id: str, deta
     usage = _storable(detail.get("usage") or {})
     with transaction.atomic():
         moved = Job.objects.filter(pk=job_id, attempt=attempt, status=JobStatus.CANCELED, usage__isnull=True).update(
-            usage=usage)
+            usage=usage
+        )
         if moved:
             _record(job_id, USAGE_EVENT, attempt, worker_id, {"usage": usage})
             usage_record(job_id=job_id)
@@ -312,9 +337,18 @@ def job_dispatch(*, job_id: str, countdown: float = 0.0) -> bool:
     if state == "waiting":
         return False
     if state == "failed":
-        job_transition(job_id=job_id, attempt=job.attempt, to=JobStatus.FAILED, worker_id="dependencies",
-                       detail={"error": {"code": "dependency_failed",
-                                         "message": f"job {culprit}, which this job depends on, did not succeed"}})
+        job_transition(
+            job_id=job_id,
+            attempt=job.attempt,
+            to=JobStatus.FAILED,
+            worker_id="dependencies",
+            detail={
+                "error": {
+                    "code": "dependency_failed",
+                    "message": f"job {culprit}, which this job depends on, did not succeed",
+                }
+            },
+        )
         return False
     if job.kind in TRAINING_KINDS:
         from farm.fine_tuning import training_publish
@@ -330,12 +364,25 @@ def job_dispatch(*, job_id: str, countdown: float = 0.0) -> bool:
     if job.model is not None and job.model.adapter_file_id:  # a fine-tuned model: its base's spec + the adapter
         from farm.dispatch import inference_adapter
 
-        adapter = inference_adapter(job_id=str(job.pk), attempt=job.attempt, name=job.model.name,
-                                    lora_id=job.model.pk, file_id=job.model.adapter_file_id)
+        adapter = inference_adapter(
+            job_id=str(job.pk),
+            attempt=job.attempt,
+            name=job.model.name,
+            lora_id=job.model.pk,
+            file_id=job.model.adapter_file_id,
+        )
     with request_id_bound(job.request_id or current_request_id.get()):  # a retry's worker logs keep the job's id
-        inference_publish(job_id=str(job.pk), attempt=job.attempt, spec=job.spec.name, kind=job.kind,
-                          request=job.request, deadline=deadline, countdown=countdown, adapter=adapter,
-                          stream_tokens=not BatchLine.objects.filter(job_id=job.pk).exists())
+        inference_publish(
+            job_id=str(job.pk),
+            attempt=job.attempt,
+            spec=job.spec.name,
+            kind=job.kind,
+            request=job.request,
+            deadline=deadline,
+            countdown=countdown,
+            adapter=adapter,
+            stream_tokens=not BatchLine.objects.filter(job_id=job.pk).exists(),
+        )
     return True
 
 
@@ -360,17 +407,24 @@ def job_cancel(*, job_id: str, owner_id: int | None, by: str = "api") -> Job:
 
     if job.status in ACTIVE and isinstance(job_stream_outcome(job_id), End):
         # Its worker already answered the client; the row catches up when its events are applied.
-        raise Conflict(f"Job {job_id} already finished as succeeded; it cannot be canceled.",
-                       code="job_already_finished")
-    if job_transition(job_id=job_id, attempt=None, to=JobStatus.CANCELED, worker_id=by,
-                      detail={"error": {"code": "canceled", "message": f"canceled by {by}"}}):
+        raise Conflict(
+            f"Job {job_id} already finished as succeeded; it cannot be canceled.", code="job_already_finished"
+        )
+    if job_transition(
+        job_id=job_id,
+        attempt=None,
+        to=JobStatus.CANCELED,
+        worker_id=by,
+        detail={"error": {"code": "canceled", "message": f"canceled by {by}"}},
+    ):
         from farm.cancellation import cancel_signal
 
         transaction.on_commit(lambda: cancel_signal(job_id))
     job.refresh_from_db()
     if job.status != JobStatus.CANCELED:
-        raise Conflict(f"Job {job_id} already finished as {job.status}; it cannot be canceled.",
-                       code="job_already_finished")
+        raise Conflict(
+            f"Job {job_id} already finished as {job.status}; it cannot be canceled.", code="job_already_finished"
+        )
     return job
 
 
@@ -406,20 +460,31 @@ def job_retry(*, job_id: str, by: str = "admin") -> Job:
         if original is None:
             raise NotFound(f"No job with id {job_id}.", param="job_id", code="job_not_found")
         if original.status not in RETRYABLE_STATUSES:
-            raise Conflict(f"Job {job_id} is {original.status}; only failed or timed-out jobs can be retried.",
-                           code="job_not_retryable")
+            raise Conflict(
+                f"Job {job_id} is {original.status}; only failed or timed-out jobs can be retried.",
+                code="job_not_retryable",
+            )
         if original.kind not in INFERENCE_KINDS:  # training jobs have inputs and outputs of their own
-            raise Conflict(f"Job {job_id} is a {original.kind} job; only inference jobs can be retried here.",
-                           code="job_not_retryable")
+            raise Conflict(
+                f"Job {job_id} is a {original.kind} job; only inference jobs can be retried here.",
+                code="job_not_retryable",
+            )
         if original.spec is None or not original.spec.enabled or original.model is None or not original.model.enabled:
-            raise Conflict(f"Job {job_id}'s model or spec is gone or disabled; it cannot be retried.",
-                           code="job_not_retryable")
+            raise Conflict(
+                f"Job {job_id}'s model or spec is gone or disabled; it cannot be retried.", code="job_not_retryable"
+            )
         timeout = env.FARM_INFERENCE_TIMEOUT_S
         if original.deadline_at is not None:
             timeout = max(1.0, (original.deadline_at - original.created_at).total_seconds())
-        retry = job_create(owner_id=original.owner_id, api_key_id=original.api_key_id, kind=original.kind,
-                           model_id=original.model_id, spec_id=original.spec_id, request=original.request,
-                           deadline_at=timezone.now() + timedelta(seconds=timeout))
+        retry = job_create(
+            owner_id=original.owner_id,
+            api_key_id=original.api_key_id,
+            kind=original.kind,
+            model_id=original.model_id,
+            spec_id=original.spec_id,
+            request=original.request,
+            deadline_at=timezone.now() + timedelta(seconds=timeout),
+        )
         _record(str(original.pk), "retried", original.attempt, by, {"retry_job_id": str(retry.pk)})
         _record(str(retry.pk), "created", 1, by, {"retry_of": str(original.pk)})
         retry_id = str(retry.pk)

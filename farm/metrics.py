@@ -11,16 +11,30 @@ from farm import queues
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REQUESTS = Counter("farm_requests", "API requests by route, model and status.", ["route", "model", "status"],
-                   registry=REGISTRY)
-LATENCY = Histogram("farm_request_latency_seconds", "API request latency until the response starts.",
-                    ["route"], registry=REGISTRY,
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-TTFT = Histogram("farm_time_to_first_token_seconds", "Time from request to first token.", ["model"],
-                 registry=REGISTRY, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+REQUESTS = Counter(
+    "farm_requests", "API requests by route, model and status.", ["route", "model", "status"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "farm_request_latency_seconds",
+    "API request latency until the response starts.",
+    ["route"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TTFT = Histogram(
+    "farm_time_to_first_token_seconds",
+    "Time from request to first token.",
+    ["model"],
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 TOKENS = Counter("farm_completion_tokens", "Completion tokens returned, by model.", ["model"], registry=REGISTRY)
-RATE_LIMIT_REJECTIONS = Counter("farm_rate_limit_rejections", "Requests refused with 429 by a per-key limit, by "
-                                "the limit hit (requests, tokens, quota, too_large).", ["reason"], registry=REGISTRY)
+RATE_LIMIT_REJECTIONS = Counter(
+    "farm_rate_limit_rejections",
+    "Requests refused with 429 by a per-key limit, by the limit hit (requests, tokens, quota, too_large).",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 class FleetCollector(Collector):
@@ -77,16 +91,22 @@ class ClusterCollector(Collector):
         from farm.models import ModelSpec
         from farm.registry import live_workers_sync
 
-        oldest = GaugeMetricFamily("farm_queue_oldest_pending_seconds",
-                                   "Age of the oldest queued job per spec queue (0 when none waits).", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "farm_queue_oldest_pending_seconds",
+            "Age of the oldest queued job per spec queue (0 when none waits).",
+            labels=["queue"],
+        )
         for queue in queue_figures(spec_names=list(ModelSpec.objects.values_list("name", flat=True))):
             if queue.spec is not None:
                 oldest.add_metric([queue.name], queue.oldest_pending_s or 0.0)
         yield oldest
 
         workers = [worker_figures(worker.raw) for worker in live_workers_sync()[0]]
-        rate = GaugeMetricFamily("farm_worker_tokens_per_second", "Completion tokens per second per worker "
-                                 "(30 s window, from heartbeats).", labels=["worker"])
+        rate = GaugeMetricFamily(
+            "farm_worker_tokens_per_second",
+            "Completion tokens per second per worker (30 s window, from heartbeats).",
+            labels=["worker"],
+        )
         running = GaugeMetricFamily("farm_worker_running_jobs", "Jobs running per worker.", labels=["worker"])
         for worker in workers:
             rate.add_metric([worker.worker_id], worker.tokens_per_s or 0.0)

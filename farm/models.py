@@ -42,8 +42,12 @@ class ApiKey(models.Model):
     tpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens per minute; empty = no limit.")
     token_quota = models.PositiveBigIntegerField(null=True, blank=True, help_text="Tokens per quota period.")
     quota_period = models.CharField(max_length=10, choices=QuotaPeriod.choices, default=QuotaPeriod.DAY)
-    on_limit = models.CharField(max_length=10, choices=OnLimit.choices, default=OnLimit.REJECT,
-                                help_text="Over a limit: answer 429 at once, or wait (bounded) for room.")
+    on_limit = models.CharField(
+        max_length=10,
+        choices=OnLimit.choices,
+        default=OnLimit.REJECT,
+        help_text="Over a limit: answer 429 at once, or wait (bounded) for room.",
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -67,13 +71,24 @@ class Model(models.Model):
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     # A fine-tuned model (`<base>:ft-<id>`) is served by its base's specs plus a LoRA adapter (farm.fine_tuning).
-    base = models.ForeignKey("self", on_delete=models.CASCADE, null=True, blank=True, related_name="fine_tunes",
-                             help_text="For a fine-tuned model: the model whose specs serve it.")
+    base = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="fine_tunes",
+        help_text="For a fine-tuned model: the model whose specs serve it.",
+    )
     adapter_file_id = models.CharField(max_length=40, blank=True, help_text="File id of its LoRA adapter (tar).")
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True,
-                              related_name="private_models",
-                              help_text="Set for a fine-tuned model: only this user's keys see and use it. "
-                              "Empty: every key (the farm's own models).")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="private_models",
+        help_text="Set for a fine-tuned model: only this user's keys see and use it. "
+        "Empty: every key (the farm's own models).",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -164,10 +179,19 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
     dispatched_at = models.DateTimeField(null=True, blank=True, help_text="Last time its message was published.")
-    depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True,
-                                        help_text="Jobs that must succeed before this one starts (farm.jobs).")
-    request_id = models.CharField(max_length=128, blank=True, db_index=True,
-                                  help_text="`x-request-id` of the API request that created it (in worker logs too).")
+    depends_on = models.ManyToManyField(
+        "self",
+        symmetrical=False,
+        related_name="dependents",
+        blank=True,
+        help_text="Jobs that must succeed before this one starts (farm.jobs).",
+    )
+    request_id = models.CharField(
+        max_length=128,
+        blank=True,
+        db_index=True,
+        help_text="`x-request-id` of the API request that created it (in worker logs too).",
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -264,7 +288,10 @@ class BatchStatus(models.TextChoices):
 
 
 BATCH_ACTIVE_STATUSES = (
-    BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.CANCELLING,
+    BatchStatus.VALIDATING,
+    BatchStatus.IN_PROGRESS,
+    BatchStatus.FINALIZING,
+    BatchStatus.CANCELLING,
 )
 
 
@@ -282,8 +309,7 @@ class Batch(models.Model):
     endpoint = models.CharField(max_length=100)
     input_file_id = models.CharField(max_length=40)
     completion_window = models.CharField(max_length=10, default="24h")
-    status = models.CharField(max_length=20, choices=BatchStatus.choices, default=BatchStatus.VALIDATING,
-                              db_index=True)
+    status = models.CharField(max_length=20, choices=BatchStatus.choices, default=BatchStatus.VALIDATING, db_index=True)
     output_file_id = models.CharField(max_length=40, blank=True)
     error_file_id = models.CharField(max_length=40, blank=True)
     errors = models.JSONField(null=True, blank=True, help_text="Validation errors (OpenAI `errors` list).")

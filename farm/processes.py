@@ -9,23 +9,62 @@ from farm import queues
 
 
 def api_command(*, host: str, port: int, workers: int = 1) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "api.asgi:application", "--host", host, "--port", str(port),
-            "--workers", str(workers), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
-            "--timeout-graceful-shutdown", "5"]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
 
 
 def control_worker_command(*, beat_schedule: str | None = None, concurrency: int = 4) -> list[str]:
     """The Django-enabled control worker; with `beat_schedule` (a file path) it also runs beat (reaper, expiry)."""
-    command = [sys.executable, "-m", "celery", "-A", "farm.celery", "worker", "-Q", queues.CONTROL_QUEUE,
-               "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
-               "--hostname", "control@%h", "--without-gossip", "--without-mingle"]
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "farm.celery",
+        "worker",
+        "-Q",
+        queues.CONTROL_QUEUE,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        "control@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if beat_schedule:
         command += ["--beat", "--schedule", beat_schedule]
     return command
 
 
-def gpu_worker_command(*, specs: list[str], worker_id: str, concurrency: int = 128, lazy_specs: Sequence[str] = (),
-                       memory_gib: float | None = None) -> list[str]:
+def gpu_worker_command(
+    *,
+    specs: list[str],
+    worker_id: str,
+    concurrency: int = 128,
+    lazy_specs: Sequence[str] = (),
+    memory_gib: float | None = None,
+) -> list[str]:
     """An inference worker: `specs` loaded at start, `lazy_specs` on their first request, within `memory_gib`."""
     command = [sys.executable, "-m", "gpu_workers", "--worker-id", worker_id, "--concurrency", str(concurrency)]
     for spec in specs:
@@ -47,8 +86,16 @@ def training_worker_command(*, classes: list[str], worker_id: str) -> list[str]:
 
 def flower_command(*, broker_url: str, port: int, basic_auth: str | None) -> list[str]:
     # Flower parses its own options tornado-style: `--name=value` only.
-    command = [sys.executable, "-m", "celery", "--broker", broker_url, "flower", f"--port={port}",
-               "--address=127.0.0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "--broker",
+        broker_url,
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+    ]
     if basic_auth:
         command.append(f"--basic-auth={basic_auth}")
     return command

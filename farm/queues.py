@@ -59,11 +59,19 @@ BATCH_SWEEP_EVERY_S = 5.0
 
 # Tasks the control worker consumes: they always go to the control queue.
 # Fills the shared model directory ahead of demand (copy, GGUF conversion, hub download): `farm.model_cache`.
-MODEL_CACHE_TASK = TaskPolicy("farm.control.model_cache", soft_time_limit_s=3 * 3600, time_limit_s=3 * 3600 + 60,
-                              max_retries=0)
+MODEL_CACHE_TASK = TaskPolicy(
+    "farm.control.model_cache", soft_time_limit_s=3 * 3600, time_limit_s=3 * 3600 + 60, max_retries=0
+)
 
-CONTROL_TASKS = (JOB_EVENT_TASK, JOB_EVENTS_TASK, REAP_TASK, EXPIRE_TASK, BATCH_TICK_TASK, BATCH_SWEEP_TASK,
-                 MODEL_CACHE_TASK)
+CONTROL_TASKS = (
+    JOB_EVENT_TASK,
+    JOB_EVENTS_TASK,
+    REAP_TASK,
+    EXPIRE_TASK,
+    BATCH_TICK_TASK,
+    BATCH_SWEEP_TASK,
+    MODEL_CACHE_TASK,
+)
 
 
 def beat_schedule(*, reap_every_s: float) -> dict[str, tuple[str, float]]:

@@ -16,16 +16,19 @@ def worker_registry_sync() -> list[LiveWorker]:
         Worker.objects.update_or_create(
             worker_id=worker.worker_id,
             defaults={
-                "hostname": entry.get("hostname", ""), "specs": list(worker.specs),
+                "hostname": entry.get("hostname", ""),
+                "specs": list(worker.specs),
                 "status": Worker.Status.ONLINE if worker.status == "ready" else worker.status,
-                "hardware": entry.get("hardware", {}), "load": entry.get("load", {}),
+                "hardware": entry.get("hardware", {}),
+                "load": entry.get("load", {}),
                 "started_at": datetime.fromtimestamp(entry.get("started_at", entry["ts"]), tz=UTC),
                 "last_seen_at": datetime.fromtimestamp(entry["ts"], tz=UTC),
             },
         )
     live_ids = [w.worker_id for w in live]
     Worker.objects.exclude(status=Worker.Status.OFFLINE).exclude(worker_id__in=live_ids).update(
-        status=Worker.Status.OFFLINE)
+        status=Worker.Status.OFFLINE
+    )
     if gone:
         from farm import redis_keys
         from farm.redis_client import sync_redis

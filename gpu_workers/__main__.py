@@ -55,24 +55,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "FARM_WORKER_TTL_S, FARM_CPU_KVCACHE_GIB, FARM_API_URL, FARM_TRAIN_WORK_DIR, FARM_ADAPTER_DIR "
         "(see gpu_workers/envs.py).",
     )
-    parser.add_argument("--spec", action="append", default=[], metavar="NAME",
-                        help="model spec to load at start and serve (repeat for several); must exist in the farm's "
-                        "catalogue")
-    parser.add_argument("--lazy-spec", action="append", default=[], metavar="NAME",
-                        help="model spec to serve, loaded on its first request (repeat for several)")
-    parser.add_argument("--memory-gib", type=float, default=None,
-                        help="memory the engines may use, GiB (default: free VRAM, or RAM on a CPU host, at start); "
-                        "loads beyond it unload the least recently used idle spec")
-    parser.add_argument("--train", action="append", metavar="CLASS",
-                        help="be a training worker for this hardware class instead (queue `train.CLASS`: `cpu`, "
-                        "`gpu-80gb`...; repeat for several); see FARM_TRAIN_CLASSES on the control plane")
-    parser.add_argument("--train-concurrency", type=int, default=envs.FARM_TRAIN_CONCURRENCY,
-                        help="training jobs run at once, each in its own process (default %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=envs.FARM_WORKER_CONCURRENCY,
-                        help="concurrent requests in flight (Celery threads sharing the engine; default %(default)s)")
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="model spec to load at start and serve (repeat for several); must exist in the farm's catalogue",
+    )
+    parser.add_argument(
+        "--lazy-spec",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="model spec to serve, loaded on its first request (repeat for several)",
+    )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="memory the engines may use, GiB (default: free VRAM, or RAM on a CPU host, at start); "
+        "loads beyond it unload the least recently used idle spec",
+    )
+    parser.add_argument(
+        "--train",
+        action="append",
+        metavar="CLASS",
+        help="be a training worker for this hardware class instead (queue `train.CLASS`: `cpu`, "
+        "`gpu-80gb`...; repeat for several); see FARM_TRAIN_CLASSES on the control plane",
+    )
+    parser.add_argument(
+        "--train-concurrency",
+        type=int,
+        default=envs.FARM_TRAIN_CONCURRENCY,
+        help="training jobs run at once, each in its own process (default %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=envs.FARM_WORKER_CONCURRENCY,
+        help="concurrent requests in flight (Celery threads sharing the engine; default %(default)s)",
+    )
     parser.add_argument("--worker-id", default=envs.FARM_WORKER_ID, help="registry id (default: host-pid)")
-    parser.add_argument("--catalog-wait", type=float, default=120.0,
-                        help="seconds to wait for the spec catalogue to appear in Redis (default %(default)s)")
+    parser.add_argument(
+        "--catalog-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the spec catalogue to appear in Redis (default %(default)s)",
+    )
     parser.add_argument("--no-nvml", action="store_true", help="skip NVML and advertise CPU capacity only")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
@@ -92,20 +121,28 @@ def fetch_specs(client: redis.Redis, names: list[str], wait_s: float) -> dict[st
         if not missing:
             return {name: orjson.loads(value) for name, value in zip(names, raw, strict=True)}
         if time.monotonic() > deadline:
-            raise SystemExit(f"spec(s) {', '.join(missing)} not in the catalogue: add them in the admin or with "
-                             "`manage.py loadmodels`, and check that the control worker runs")
+            raise SystemExit(
+                f"spec(s) {', '.join(missing)} not in the catalogue: add them in the admin or with "
+                "`manage.py loadmodels`, and check that the control worker runs"
+            )
         log.info("waiting for spec(s) %s in the catalogue", ", ".join(missing))
         time.sleep(1.0)
 
 
-def engine_pool_start(args: argparse.Namespace, specs: dict[str, dict], hardware: HardwareReport,
-                      host: EngineHost) -> EnginePool:
+def engine_pool_start(
+    args: argparse.Namespace, specs: dict[str, dict], hardware: HardwareReport, host: EngineHost
+) -> EnginePool:
     """Checks that every spec fits this worker's memory budget, loads the `--spec` ones, leaves the lazy ones."""
     need_bytes: dict[str, int] = {}
     free_bytes = 0
     for name, spec in specs.items():  # refuse a spec that does not fit before advertising anything (gpu_workers.fit)
-        fit = spec_fit(name=name, spec=spec, source_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
-                       hardware=hardware, cpu_kv_cache_gib=float(envs.FARM_CPU_KVCACHE_GIB))
+        fit = spec_fit(
+            name=name,
+            spec=spec,
+            source_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
+            hardware=hardware,
+            cpu_kv_cache_gib=float(envs.FARM_CPU_KVCACHE_GIB),
+        )
         if not fit.fits:
             raise SystemExit(f"spec {name} does not fit this worker: {fit.reason}")
         log.info("%s fits: needs %.2f GiB of %.2f GiB", name, fit.need_bytes / 2**30, fit.free_bytes / 2**30)
@@ -115,10 +152,19 @@ def engine_pool_start(args: argparse.Namespace, specs: dict[str, dict], hardware
         raise SystemExit(f"spec(s) {', '.join(too_big)} need more than the {budget / 2**30:.2f} GiB budget")
 
     engines = EnginePool(
-        configs={name: EngineConfig(spec_name=name, model_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
-                                    engine=spec["engine"], engine_args=spec.get("engine_args") or {})
-                 for name, spec in specs.items()},
-        need_bytes=need_bytes, budget_bytes=budget, load=host.load, unload=lambda name, _: host.unload(name),
+        configs={
+            name: EngineConfig(
+                spec_name=name,
+                model_path=model_path(envs.FARM_MODEL_DIR, spec["source"]),
+                engine=spec["engine"],
+                engine_args=spec.get("engine_args") or {},
+            )
+            for name, spec in specs.items()
+        },
+        need_bytes=need_bytes,
+        budget_bytes=budget,
+        load=host.load,
+        unload=lambda name, _: host.unload(name),
     )
     for name in args.spec:
         log.info("loading %s (%s) from %s", name, specs[name]["engine"], specs[name]["source"])
@@ -140,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_training_worker(args)
     hardware = probe_hardware(use_nvml=not args.no_nvml)
-    log.info("worker %s on %s: %s, %d cores, %d GPU(s)", args.worker_id, hardware.hostname, hardware.kind,
-             hardware.cpu_cores, len(hardware.gpus))
+    log.info(
+        "worker %s on %s: %s, %d cores, %d GPU(s)",
+        args.worker_id,
+        hardware.hostname,
+        hardware.kind,
+        hardware.cpu_cores,
+        len(hardware.gpus),
+    )
     client = redis_connect(envs.REDIS_URL)
     specs = fetch_specs(client, [*args.spec, *args.lazy_spec], args.catalog_wait)
 
@@ -153,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     import tasks.inference  # noqa: F401  (registers the task on this app)
 
     worker_runtime = runtime.WorkerRuntime(
-        worker_id=args.worker_id, redis_url=envs.REDIS_URL, host=host,
-        events=JobEventPublisher(app, args.worker_id), quarantine_after=envs.FARM_QUARANTINE_AFTER, engines=engines,
+        worker_id=args.worker_id,
+        redis_url=envs.REDIS_URL,
+        host=host,
+        events=JobEventPublisher(app, args.worker_id),
+        quarantine_after=envs.FARM_QUARANTINE_AFTER,
+        engines=engines,
     )
     runtime.install(worker_runtime)
     infer_queues = [queues.infer_queue(name) for name in specs]
@@ -179,35 +235,56 @@ def main(argv: list[str] | None = None) -> int:
     def heartbeat_description() -> dict:
         """This worker's registry entry (also what its `/metrics` reports)."""
         loaded_since = engines.loaded_since()
-        models = [{**entry, "loaded_at": loaded_since[entry["spec"]]}
-                  for entry in model_entries if entry["spec"] in loaded_since]
+        models = [
+            {**entry, "loaded_at": loaded_since[entry["spec"]]}
+            for entry in model_entries
+            if entry["spec"] in loaded_since
+        ]
         return {
-            "hostname": hardware.hostname, "specs": list(loaded_since), "lazy_specs": engines.lazy(),
-            "memory": engines.describe(), "queues": infer_queues,
-            "status": worker_runtime.status, "running_jobs": worker_runtime.running_jobs(),
+            "hostname": hardware.hostname,
+            "specs": list(loaded_since),
+            "lazy_specs": engines.lazy(),
+            "memory": engines.describe(),
+            "queues": infer_queues,
+            "status": worker_runtime.status,
+            "running_jobs": worker_runtime.running_jobs(),
             "hardware": probe_hardware(use_nvml=not args.no_nvml).as_dict() if hardware.gpus else hardware.as_dict(),
-            "load": {**worker_runtime.stats.snapshot(), "capacity": args.concurrency,
-                     "queued": queued_messages(client, infer_queues)},
-            "models": models, "started_at": started_at,
+            "load": {
+                **worker_runtime.stats.snapshot(),
+                "capacity": args.concurrency,
+                "queued": queued_messages(client, infer_queues),
+            },
+            "models": models,
+            "started_at": started_at,
         }
 
     heartbeat = Heartbeat(
-        client=client, worker_id=args.worker_id, interval_s=envs.FARM_HEARTBEAT_S, ttl_s=envs.FARM_WORKER_TTL_S,
+        client=client,
+        worker_id=args.worker_id,
+        interval_s=envs.FARM_HEARTBEAT_S,
+        ttl_s=envs.FARM_WORKER_TTL_S,
         describe=heartbeat_description,
     )
     heartbeat.start()
     if envs.FARM_WORKER_METRICS_PORT:
         from gpu_workers.metrics import start_metrics_server
 
-        start_metrics_server(port=envs.FARM_WORKER_METRICS_PORT, addr=envs.FARM_WORKER_METRICS_ADDR,
-                             worker_id=args.worker_id, describe=heartbeat_description)
-        log.info("worker metrics on http://%s:%d/metrics", envs.FARM_WORKER_METRICS_ADDR,
-                 envs.FARM_WORKER_METRICS_PORT)
+        start_metrics_server(
+            port=envs.FARM_WORKER_METRICS_PORT,
+            addr=envs.FARM_WORKER_METRICS_ADDR,
+            worker_id=args.worker_id,
+            describe=heartbeat_description,
+        )
+        log.info("worker metrics on http://%s:%d/metrics", envs.FARM_WORKER_METRICS_ADDR, envs.FARM_WORKER_METRICS_PORT)
     try:
         worker = app.Worker(
-            pool="threads", concurrency=args.concurrency, queues=infer_queues,
-            hostname=celery_hostname, loglevel=args.loglevel.upper(),
-            without_gossip=True, without_mingle=True,
+            pool="threads",
+            concurrency=args.concurrency,
+            queues=infer_queues,
+            hostname=celery_hostname,
+            loglevel=args.loglevel.upper(),
+            without_gossip=True,
+            without_mingle=True,
         )
         worker.start()
         return worker.exitcode or 0

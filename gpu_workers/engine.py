@@ -71,7 +71,12 @@ class Engine(Protocol):
     supports_adapters: bool  # LoRA enabled (`enable_lora` in the spec's engine args)
 
     def prepare(
-        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions,
+        self,
+        *,
+        request_id: str,
+        messages: list[dict[str, Any]] | None,
+        prompt: str | None,
+        sampling: SamplingOptions,
         stream: bool = True,
     ) -> PreparedRequest: ...
 
@@ -106,11 +111,20 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.supports_adapters: bool = bool(args.get("enable_lora"))
-        log.info("engine for %s loaded in %.1fs (max_model_len=%d)", config.spec_name, time.monotonic() - started,
-                 self.max_model_len)
+        log.info(
+            "engine for %s loaded in %.1fs (max_model_len=%d)",
+            config.spec_name,
+            time.monotonic() - started,
+            self.max_model_len,
+        )
 
     def prepare(
-        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions,
+        self,
+        *,
+        request_id: str,
+        messages: list[dict[str, Any]] | None,
+        prompt: str | None,
+        sampling: SamplingOptions,
         stream: bool = True,
     ) -> PreparedRequest:
         if messages is not None:
@@ -126,8 +140,9 @@ class VllmEngine:
             start = self._tokenizer.bos_token_id
             start = start if start is not None else self._tokenizer.eos_token_id
             if start is None:
-                raise EngineInputError("The prompt is empty and this model has no BOS or EOS token to start from.",
-                                       code="empty_prompt")
+                raise EngineInputError(
+                    "The prompt is empty and this model has no BOS or EOS token to start from.", code="empty_prompt"
+                )
             token_ids = [start]
         room = self.max_model_len - len(token_ids)
         if room <= 0 or (sampling.max_tokens is not None and sampling.max_tokens > room):
@@ -180,7 +195,9 @@ class VllmEngine:
             adapter = request.adapter
             lora_request = LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=str(adapter.path))
         stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=request.prompt_token_ids), params, request.request_id,
+            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+            params,
+            request.request_id,
             lora_request=lora_request,
         )
         async for output in stream:

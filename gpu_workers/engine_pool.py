@@ -52,9 +52,16 @@ class _Slot:
 
 
 class EnginePool:
-    def __init__(self, *, configs: dict[str, EngineConfig], need_bytes: dict[str, int], budget_bytes: int,
-                 load: Callable[[EngineConfig], Engine], unload: Callable[[str, Engine], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        configs: dict[str, EngineConfig],
+        need_bytes: dict[str, int],
+        budget_bytes: int,
+        load: Callable[[EngineConfig], Engine],
+        unload: Callable[[str, Engine], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._slots = {name: _Slot(config, need_bytes.get(name, 0)) for name, config in configs.items()}
         self.budget_bytes = budget_bytes
         self._load = load
@@ -130,8 +137,10 @@ class EnginePool:
                 left = give_up - self._clock()
                 if left <= 0:
                     busy = [name for name, other in self._slots.items() if other.users or other.busy]
-                    raise NoRoom(f"{spec} needs {slot.need_bytes / 2**30:.2f} GiB; {self._used_bytes() / 2**30:.2f} "
-                                 f"of {self.budget_bytes / 2**30:.2f} GiB are held by busy specs {busy}")
+                    raise NoRoom(
+                        f"{spec} needs {slot.need_bytes / 2**30:.2f} GiB; {self._used_bytes() / 2**30:.2f} "
+                        f"of {self.budget_bytes / 2**30:.2f} GiB are held by busy specs {busy}"
+                    )
                 self._cond.wait(timeout=min(left, 1.0))
             slot.busy = True
             for name in victims:
@@ -166,9 +175,14 @@ class EnginePool:
         """The idle specs to unload so that `spec` fits (`farm.placement.lru_unload`); None if it cannot fit now."""
         slots = self._slots
         loaded = [
-            LoadedSpec(spec=name, memory_bytes=slot.need_bytes, last_used=slot.last_used,
-                       running=slot.users + (1 if slot.busy else 0))
-            for name, slot in slots.items() if (slot.engine is not None or slot.busy) and name != spec
+            LoadedSpec(
+                spec=name,
+                memory_bytes=slot.need_bytes,
+                last_used=slot.last_used,
+                running=slot.users + (1 if slot.busy else 0),
+            )
+            for name, slot in slots.items()
+            if (slot.engine is not None or slot.busy) and name != spec
         ]
         return lru_unload(loaded, free_bytes=self.budget_bytes - self._used_bytes(), need_bytes=slots[spec].need_bytes)
 

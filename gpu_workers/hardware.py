@@ -71,8 +71,9 @@ def read_gpus(nvml: Any) -> tuple[str, list[GpuInfo]]:
                 memory_free_mib=memory.free // 2**20,
                 memory_used_mib=memory.used // 2**20,
                 utilization_pct=_optional(nvml, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, handle),
-                temperature_c=_optional(nvml, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
-                                        handle),
+                temperature_c=_optional(
+                    nvml, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU), handle
+                ),
                 power_w=_optional(nvml, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, handle),
             )
         )

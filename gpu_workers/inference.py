@@ -102,7 +102,13 @@ class TokenCount:
 
 
 async def stream_generation(
-    *, writer: StreamWriter, engine: Engine, job_id: str, attempt: int, prepared: PreparedRequest, deadline: float,
+    *,
+    writer: StreamWriter,
+    engine: Engine,
+    job_id: str,
+    attempt: int,
+    prepared: PreparedRequest,
+    deadline: float,
     counted: TokenCount | None = None,
 ) -> Outcome:
     """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
@@ -130,15 +136,21 @@ async def stream_generation(
         writer.append(job_id, Failure(504, "timeout_error", "deadline_exceeded", message), final=True)
         await writer.flushed()
         return Outcome(
-            status="timed_out", text="".join(parts), prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, error={"code": "deadline_exceeded", "message": message},
+            status="timed_out",
+            text="".join(parts),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            error={"code": "deadline_exceeded", "message": message},
         )
     end = End(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     writer.append(job_id, end, final=True)
     await writer.flushed()
     return Outcome(
-        status="succeeded", text="".join(parts), finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        status="succeeded",
+        text="".join(parts),
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
     )
 
 

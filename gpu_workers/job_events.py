@@ -28,8 +28,9 @@ class JobEventPublisher:
     """Thread-safe. `send` never blocks on the broker; a background thread publishes, retrying through broker
     outages without dropping or reordering events. `flush` publishes what is pending now (at shutdown)."""
 
-    def __init__(self, app: Celery, worker_id: str, *, window_s: float = 0.01,
-                 queue: str = queues.CONTROL_QUEUE) -> None:
+    def __init__(
+        self, app: Celery, worker_id: str, *, window_s: float = 0.01, queue: str = queues.CONTROL_QUEUE
+    ) -> None:
         self._app = app
         self._worker_id = worker_id
         self._queue = queue

@@ -217,8 +217,11 @@ def _hub_download(repo_id: str, progress: Progress) -> Callable[[Path], dict[str
         from huggingface_hub import snapshot_download
 
         progress(0, 1)
-        snapshot_download(repo_id=repo_id, local_dir=str(out),
-                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
+        snapshot_download(
+            repo_id=repo_id,
+            local_dir=str(out),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+        )
         progress(1, 1)
         return {"kind": "hub", "source": repo_id}
 

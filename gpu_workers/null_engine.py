@@ -32,19 +32,29 @@ class NullEngine:
         log.warning("spec %s served by the NULL engine (FARM_NULL_ENGINE=1): benchmark use only", config.spec_name)
 
     def prepare(
-        self, *, request_id: str, messages: list[dict[str, Any]] | None, prompt: str | None, sampling: SamplingOptions,
+        self,
+        *,
+        request_id: str,
+        messages: list[dict[str, Any]] | None,
+        prompt: str | None,
+        sampling: SamplingOptions,
         **_: Any,
     ) -> PreparedRequest:
         text = " ".join(str(m.get("content") or "") for m in messages) if messages is not None else (prompt or "")
-        return PreparedRequest(request_id=request_id, prompt_token_ids=list(range(max(1, len(text.split())))),
-                               max_tokens=sampling.max_tokens or DEFAULT_MAX_TOKENS, sampling=sampling)
+        return PreparedRequest(
+            request_id=request_id,
+            prompt_token_ids=list(range(max(1, len(text.split())))),
+            max_tokens=sampling.max_tokens or DEFAULT_MAX_TOKENS,
+            sampling=sampling,
+        )
 
     async def generate(self, request: PreparedRequest, **_: Any) -> AsyncIterator[EngineOutput]:
         prompt_tokens = len(request.prompt_token_ids)
         for index in range(request.max_tokens):
             last = index == request.max_tokens - 1
-            yield EngineOutput(text=" tok", tokens=1, finish_reason="length" if last else None,
-                               prompt_tokens=prompt_tokens)
+            yield EngineOutput(
+                text=" tok", tokens=1, finish_reason="length" if last else None, prompt_tokens=prompt_tokens
+            )
             await asyncio.sleep(self.token_interval_s)
 
     async def abort(self, request_id: str) -> None:

@@ -84,8 +84,14 @@ class LoadStats:
                 samples.popleft()
             first_at, first_tokens = samples[0]
             rate = (self.tokens - first_tokens) / (now - first_at) if now > first_at else 0.0
-            return {"running": self.running, "completed": self.completed, "failed": self.failed, "tokens": self.tokens,
-                    "consecutive_failures": self.consecutive_failures, "tokens_per_s": round(rate, 2)}
+            return {
+                "running": self.running,
+                "completed": self.completed,
+                "failed": self.failed,
+                "tokens": self.tokens,
+                "consecutive_failures": self.consecutive_failures,
+                "tokens_per_s": round(rate, 2),
+            }
 
     def reset_failures(self) -> None:
         with self._lock:
@@ -100,12 +106,21 @@ class _InFlight:
 
 
 class WorkerRuntime:
-    def __init__(self, *, worker_id: str, redis_url: str, host: EngineHost, events: JobEventPublisher,
-                 quarantine_after: int = 5, engines: EnginePool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        redis_url: str,
+        host: EngineHost,
+        events: JobEventPublisher,
+        quarantine_after: int = 5,
+        engines: EnginePool | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.host = host
-        self.engines = engines or EnginePool(configs={}, need_bytes={}, budget_bytes=0, load=host.load,
-                                             unload=lambda name, _: host.unload(name))
+        self.engines = engines or EnginePool(
+            configs={}, need_bytes={}, budget_bytes=0, load=host.load, unload=lambda name, _: host.unload(name)
+        )
         self.events = events
         self.redis = redis_connect(redis_url)
         self.stats = LoadStats()
@@ -142,8 +157,12 @@ class WorkerRuntime:
         if message.deadline <= time.time():
             failure = Failure(504, "timeout_error", "deadline_exceeded", "The job expired before it could start.")
             self.host.run(write_failure(self.host.redis, message.job_id, failure))
-            send(job_id=message.job_id, attempt=message.attempt, kind="timed_out",
-                 error={"code": failure.code, "message": failure.message})
+            send(
+                job_id=message.job_id,
+                attempt=message.attempt,
+                kind="timed_out",
+                error={"code": failure.code, "message": failure.message},
+            )
             return Outcome(status="timed_out")
 
         self.stats.begin()
@@ -159,8 +178,9 @@ class WorkerRuntime:
             # A spec that fails to load is the spec's fault (bad args, missing weights), not this worker's: it is
             # backed off, and must not quarantine a worker that serves its other specs well.
             error = outcome.error or {}
-            worker_fault = (outcome.status == "failed" and bool(error.get("retry"))
-                            and error.get("code") != "spec_load_failed")
+            worker_fault = (
+                outcome.status == "failed" and bool(error.get("retry")) and error.get("code") != "spec_load_failed"
+            )
             if self.stats.end(outcome, worker_fault=worker_fault) >= self.quarantine_after:
                 self.quarantine()
             if outcome.status == "requeue":
@@ -169,15 +189,22 @@ class WorkerRuntime:
             elif outcome.status != "canceled":  # a cancel was already recorded by whoever canceled
                 send(job_id=message.job_id, attempt=message.attempt, kind=outcome.status, **outcome.event_detail())
             elif outcome.prompt_tokens:  # what the engine did before the abort still counts (`farm.jobs`)
-                send(job_id=message.job_id, attempt=message.attempt, kind="usage",
-                     usage=outcome.event_detail()["usage"])
+                send(
+                    job_id=message.job_id, attempt=message.attempt, kind="usage", usage=outcome.event_detail()["usage"]
+                )
         return outcome
 
     def _generate(self, message: InferenceMessage) -> Outcome:
         """Runs the attempt on its spec's engine, loading the spec first if this worker loads it on demand."""
         if not self.engines.knows(message.spec):
-            return Outcome(status="failed", error={"code": "spec_not_loaded", "retry": True,
-                                                   "message": f"{message.spec} is not served by {self.worker_id}"})
+            return Outcome(
+                status="failed",
+                error={
+                    "code": "spec_not_loaded",
+                    "retry": True,
+                    "message": f"{message.spec} is not served by {self.worker_id}",
+                },
+            )
         wait_s = max(0.0, min(ROOM_WAIT_S, message.deadline - time.time()))
         try:
             with self.engines.acquire(message.spec, wait_s=wait_s) as engine:
@@ -198,10 +225,17 @@ class WorkerRuntime:
             self.host.run(write_failure(self.host.redis, message.job_id, failure))
             return outcome
         counted = TokenCount()
-        future = self.host.submit(stream_generation(
-            writer=self.host.writer, engine=engine, job_id=message.job_id, attempt=message.attempt, prepared=prepared,
-            deadline=message.deadline, counted=counted,
-        ))
+        future = self.host.submit(
+            stream_generation(
+                writer=self.host.writer,
+                engine=engine,
+                job_id=message.job_id,
+                attempt=message.attempt,
+                prepared=prepared,
+                deadline=message.deadline,
+                counted=counted,
+            )
+        )
         with self._lock:
             entry = self._inflight[(message.job_id, message.attempt)]
             entry.future = future
@@ -214,12 +248,15 @@ class WorkerRuntime:
             log.info("job %s attempt %d stopped: %s", message.job_id, message.attempt, reason)
             if reason == "handback":
                 return Outcome(status="requeue")
-            return Outcome(status="canceled", prompt_tokens=counted.prompt_tokens,
-                           completion_tokens=counted.completion_tokens)
+            return Outcome(
+                status="canceled", prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens
+            )
         except Exception as exc:  # engine crash, broker hiccup: transient, the control plane retries elsewhere
             log.exception("job %s failed in the engine", message.job_id)
-            return Outcome(status="failed", error={"code": "engine_error", "retry": True,
-                                                   "message": f"{exc.__class__.__name__}: {exc}"})
+            return Outcome(
+                status="failed",
+                error={"code": "engine_error", "retry": True, "message": f"{exc.__class__.__name__}: {exc}"},
+            )
 
     @property
     def adapters(self) -> AdapterCache:
@@ -265,8 +302,11 @@ class WorkerRuntime:
 
     def quarantine(self) -> None:
         if self.status == "ready":
-            log.error("%d consecutive failures: quarantining %s (stops consuming, reports unhealthy)",
-                      self.stats.consecutive_failures, self.worker_id)
+            log.error(
+                "%d consecutive failures: quarantining %s (stops consuming, reports unhealthy)",
+                self.stats.consecutive_failures,
+                self.worker_id,
+            )
             self.status = "quarantined"
             if self.on_quarantine is not None:
                 self.on_quarantine()

@@ -96,8 +96,11 @@ STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     "files": {
         "BACKEND": env.FARM_FILES_STORAGE,
-        "OPTIONS": (json.loads(env.FARM_FILES_STORAGE_OPTIONS) if env.FARM_FILES_STORAGE_OPTIONS
-                    else {"location": str(env.FARM_HOME / "files")}),
+        "OPTIONS": (
+            json.loads(env.FARM_FILES_STORAGE_OPTIONS)
+            if env.FARM_FILES_STORAGE_OPTIONS
+            else {"location": str(env.FARM_HOME / "files")}
+        ),
     },
 }
 

@@ -75,17 +75,13 @@ DEBUG: bool = env_bool("DEBUG", not IS_PRODUCTION)
 ALLOWED_HOSTS: list[str] = env_list("ALLOWED_HOSTS", [] if IS_PRODUCTION else ["*"])
 
 # PostgreSQL in production (postgres://user:pass@host:5432/db); SQLite under FARM_HOME by default.
-DATABASE_URL: str = (
-    env_str("DATABASE_URL", required_in_production=True) or f"sqlite:///{FARM_HOME / 'farm.sqlite3'}"
-)
+DATABASE_URL: str = env_str("DATABASE_URL", required_in_production=True) or f"sqlite:///{FARM_HOME / 'farm.sqlite3'}"
 
 # Port of the embedded Redis-compatible server that `manage.py runfarm` starts when REDIS_URL is unset.
 FARM_EMBEDDED_REDIS_PORT: int = env_int("FARM_EMBEDDED_REDIS_PORT", 6390)
 # The broker and data plane. Unset in development: the embedded server started by `manage.py runfarm`.
 REDIS_URL_IS_SET: bool = _raw("REDIS_URL") is not None
-REDIS_URL: str = (
-    env_str("REDIS_URL", required_in_production=True) or f"redis://127.0.0.1:{FARM_EMBEDDED_REDIS_PORT}/0"
-)
+REDIS_URL: str = env_str("REDIS_URL", required_in_production=True) or f"redis://127.0.0.1:{FARM_EMBEDDED_REDIS_PORT}/0"
 
 # Directory holding model weights (one sub-directory per model source), shared by workers.
 FARM_MODEL_DIR: Path = Path(_raw("FARM_MODEL_DIR") or BASE_DIR / "models")

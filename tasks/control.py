@@ -12,21 +12,36 @@ from farm import queues
 log = logging.getLogger(__name__)
 
 
-@shared_task(name=queues.JOB_EVENT_TASK.name, acks_late=True, ignore_result=True,
-             autoretry_for=(Exception,), retry_backoff=True, retry_backoff_max=30, retry_jitter=True,
-             max_retries=queues.JOB_EVENT_TASK.max_retries)
+@shared_task(
+    name=queues.JOB_EVENT_TASK.name,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(Exception,),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=queues.JOB_EVENT_TASK.max_retries,
+)
 def job_event(*, job_id: str, attempt: int, kind: str, worker_id: str, detail: dict[str, Any]) -> None:
     """Persists one event (an event of a coalesced message that failed there); duplicates and late events are
     no-ops (guarded update)."""
     from farm.jobs import job_apply_events
 
-    job_apply_events(events=[{"job_id": job_id, "attempt": attempt, "kind": kind, "worker_id": worker_id,
-                              "detail": detail}])
+    job_apply_events(
+        events=[{"job_id": job_id, "attempt": attempt, "kind": kind, "worker_id": worker_id, "detail": detail}]
+    )
 
 
-@shared_task(name=queues.JOB_EVENTS_TASK.name, acks_late=True, ignore_result=True,
-             autoretry_for=(Exception,), retry_backoff=True, retry_backoff_max=30, retry_jitter=True,
-             max_retries=queues.JOB_EVENTS_TASK.max_retries)
+@shared_task(
+    name=queues.JOB_EVENTS_TASK.name,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(Exception,),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=queues.JOB_EVENTS_TASK.max_retries,
+)
 def job_events(*, events: list[dict[str, Any]]) -> None:
     """Persists a worker's coalesced events, in order (`farm.jobs.job_apply_events`)."""
     from farm.jobs import job_apply_events
@@ -34,8 +49,12 @@ def job_events(*, events: list[dict[str, Any]]) -> None:
     job_apply_events(events=events, apply_alone=lambda event: job_event.delay(**event))
 
 
-@shared_task(name=queues.REAP_TASK.name, ignore_result=True, soft_time_limit=queues.REAP_TASK.soft_time_limit_s,
-             time_limit=queues.REAP_TASK.time_limit_s)
+@shared_task(
+    name=queues.REAP_TASK.name,
+    ignore_result=True,
+    soft_time_limit=queues.REAP_TASK.soft_time_limit_s,
+    time_limit=queues.REAP_TASK.time_limit_s,
+)
 def reap() -> None:
     """Periodic: requeue jobs of silent workers, time out expired ones, republish lost ones, refresh the catalogue."""
     from farm.catalog import spec_catalog_publish
@@ -45,8 +64,12 @@ def reap() -> None:
     spec_catalog_publish()
 
 
-@shared_task(name=queues.EXPIRE_TASK.name, ignore_result=True, soft_time_limit=queues.EXPIRE_TASK.soft_time_limit_s,
-             time_limit=queues.EXPIRE_TASK.time_limit_s)
+@shared_task(
+    name=queues.EXPIRE_TASK.name,
+    ignore_result=True,
+    soft_time_limit=queues.EXPIRE_TASK.soft_time_limit_s,
+    time_limit=queues.EXPIRE_TASK.time_limit_s,
+)
 def expire_jobs() -> None:
     """Periodic: delete finished jobs older than FARM_JOB_TTL_DAYS."""
     from farm.jobs import jobs_expire
@@ -55,10 +78,18 @@ def expire_jobs() -> None:
     jobs_expire(older_than_days=env.FARM_JOB_TTL_DAYS)
 
 
-@shared_task(name=queues.BATCH_TICK_TASK.name, acks_late=True, ignore_result=True,
-             soft_time_limit=queues.BATCH_TICK_TASK.soft_time_limit_s, time_limit=queues.BATCH_TICK_TASK.time_limit_s,
-             autoretry_for=(Exception,), retry_backoff=True, retry_backoff_max=30, retry_jitter=True,
-             max_retries=queues.BATCH_TICK_TASK.max_retries)
+@shared_task(
+    name=queues.BATCH_TICK_TASK.name,
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=queues.BATCH_TICK_TASK.soft_time_limit_s,
+    time_limit=queues.BATCH_TICK_TASK.time_limit_s,
+    autoretry_for=(Exception,),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=queues.BATCH_TICK_TASK.max_retries,
+)
 def batch_tick(*, batch_id: str) -> None:
     """Advances one batch (validate, collect outcomes, top up its window, finalize); idempotent."""
     from api.openai.batches.lines import batch_line_job, batch_response_body
@@ -67,8 +98,12 @@ def batch_tick(*, batch_id: str) -> None:
     batch_advance(batch_id=batch_id, line_job=batch_line_job, shape_body=batch_response_body)
 
 
-@shared_task(name=queues.BATCH_SWEEP_TASK.name, ignore_result=True,
-             soft_time_limit=queues.BATCH_SWEEP_TASK.soft_time_limit_s, time_limit=queues.BATCH_SWEEP_TASK.time_limit_s)
+@shared_task(
+    name=queues.BATCH_SWEEP_TASK.name,
+    ignore_result=True,
+    soft_time_limit=queues.BATCH_SWEEP_TASK.soft_time_limit_s,
+    time_limit=queues.BATCH_SWEEP_TASK.time_limit_s,
+)
 def batch_sweep() -> None:
     """Periodic: a tick for every active batch (lost kicks, expiry, lines waiting for a worker)."""
     from farm.batches import batches_sweep
@@ -76,8 +111,13 @@ def batch_sweep() -> None:
     batches_sweep()
 
 
-@shared_task(name=queues.MODEL_CACHE_TASK.name, acks_late=True, ignore_result=True,
-             soft_time_limit=queues.MODEL_CACHE_TASK.soft_time_limit_s, time_limit=queues.MODEL_CACHE_TASK.time_limit_s)
+@shared_task(
+    name=queues.MODEL_CACHE_TASK.name,
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=queues.MODEL_CACHE_TASK.soft_time_limit_s,
+    time_limit=queues.MODEL_CACHE_TASK.time_limit_s,
+)
 def model_cache(*, job_id: str) -> None:
     """Prepares a model's weights into the shared model directory (`farm.model_cache`); idempotent."""
     from farm.model_cache import model_cache_run

@@ -22,5 +22,11 @@ def generate(**payload: Any) -> None:
     log.info("job %s attempt %d received on %s", message.job_id, message.attempt, message.spec)
     outcome = runtime.current().run_inference(message)
     if outcome is not None:
-        log.info("job %s attempt %d %s (%d prompt + %d completion tokens)", message.job_id, message.attempt,
-                 outcome.status, outcome.prompt_tokens, outcome.completion_tokens)
+        log.info(
+            "job %s attempt %d %s (%d prompt + %d completion tokens)",
+            message.job_id,
+            message.attempt,
+            outcome.status,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+        )

@@ -22,8 +22,13 @@ TINY_SPEC = "tiny-llama-cpu"
 UNSERVED_MODEL = "unserved-model"
 # Eager mode skips torch.compile warm-up: the tiny model then loads in seconds on CPU.
 # LoRA on: fine-tuned `tiny-llama:ft-<id>` models are served by this spec (tests/api/test_fine_tuning.py).
-TINY_ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True, "enable_lora": True, "max_lora_rank": 16,
-                    "max_loras": 2}
+TINY_ENGINE_ARGS = {
+    "max_model_len": 1024,
+    "enforce_eager": True,
+    "enable_lora": True,
+    "max_lora_rank": 16,
+    "max_loras": 2,
+}
 
 
 @dataclass
@@ -86,12 +91,25 @@ def farm_catalog(django_db_setup, django_db_blocker, tiny_model_dir: Path) -> di
 
     sync_redis().flushdb()
     with django_db_blocker.unblock():
-        catalog_load({"models": [
-            {"name": TINY_MODEL, "source": str(tiny_model_dir), "engine_args": TINY_ENGINE_ARGS,
-             "specs": [{"name": TINY_SPEC, "engine": "vllm-cpu"}]},
-            {"name": UNSERVED_MODEL, "source": str(tiny_model_dir),
-             "specs": [{"name": "unserved-model-gpu", "engine": "vllm", "resource_profile": "gpu:A100-80GB"}]},
-        ]})
+        catalog_load(
+            {
+                "models": [
+                    {
+                        "name": TINY_MODEL,
+                        "source": str(tiny_model_dir),
+                        "engine_args": TINY_ENGINE_ARGS,
+                        "specs": [{"name": TINY_SPEC, "engine": "vllm-cpu"}],
+                    },
+                    {
+                        "name": UNSERVED_MODEL,
+                        "source": str(tiny_model_dir),
+                        "specs": [
+                            {"name": "unserved-model-gpu", "engine": "vllm", "resource_profile": "gpu:A100-80GB"}
+                        ],
+                    },
+                ]
+            }
+        )
         users = get_user_model().objects
         _, key = api_key_create(owner=users.create(username=f"alice-{_random_suffix()}"), name="test")
         _, other = api_key_create(owner=users.create(username=f"bob-{_random_suffix()}"), name="test")
@@ -131,14 +149,24 @@ def live_farm(farm_catalog: dict[str, str], tiny_model_dir: Path, tmp_path_facto
         farm.start("control", processes.control_worker_command())
         farm.start("api", processes.api_command(host="127.0.0.1", port=port))
         metrics_port = free_port()
-        start_worker(farm, name="worker-1", spec=TINY_SPEC, FARM_WORKER_METRICS_PORT=str(metrics_port),
-                     FARM_WORKER_METRICS_ADDR="127.0.0.1")
+        start_worker(
+            farm,
+            name="worker-1",
+            spec=TINY_SPEC,
+            FARM_WORKER_METRICS_PORT=str(metrics_port),
+            FARM_WORKER_METRICS_ADDR="127.0.0.1",
+        )
         base_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base_url}/readyz"), timeout=60, farm=farm, what="the API")
         wait_for(lambda: spec_served(TINY_SPEC), timeout=240, farm=farm, what="the tiny-model worker")
-        yield LiveFarm(base_url=base_url, api_key=farm_catalog["api_key"], other_api_key=farm_catalog["other_api_key"],
-                       processes=farm, database_url=database_url,
-                       worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+        yield LiveFarm(
+            base_url=base_url,
+            api_key=farm_catalog["api_key"],
+            other_api_key=farm_catalog["other_api_key"],
+            processes=farm,
+            database_url=database_url,
+            worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        )
     finally:
         farm.stop_all()
         print(f"\nlive farm logs: {log_dir}")

@@ -31,8 +31,14 @@ class FarmProcesses:
 
     def start(self, name: str, command: list[str], **extra_env: str) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**self.env, **extra_env}, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**self.env, **extra_env},
+            start_new_session=True,
+        )
         self.children[name] = process
         return process
 
@@ -86,8 +92,9 @@ class FarmProcesses:
         its worker (vLLM's engine-to-client ZMQ queue has no bound, and a busy worker can be hundreds of tokens
         behind), so a job is surely held only if it started after the pause, or once nothing moves (`wait_quiet`)."""
         found = {name: [p for p in self.descendants(name) if p.name().startswith("VLLM::")] for name in names}
-        missing = {name: [(p.pid, p.name()) for p in self.descendants(name)]
-                   for name, engines in found.items() if not engines}
+        missing = {
+            name: [(p.pid, p.name()) for p in self.descendants(name)] for name, engines in found.items() if not engines
+        }
         assert not missing, f"no vLLM engine process under {missing}"
         engines = PausedEngines([p for processes_ in found.values() for p in processes_])
         engines.suspend()
@@ -156,8 +163,9 @@ class PausedEngines:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.resume()
 
-    def run_until(self, predicate: Callable[[], bool], *, timeout: float, what: str, step_s: float = 0.01,
-                  settle_s: float = 0.25) -> None:
+    def run_until(
+        self, predicate: Callable[[], bool], *, timeout: float, what: str, step_s: float = 0.01, settle_s: float = 0.25
+    ) -> None:
         """Lets the engines run in short steps until `predicate` holds, and leaves them paused: a job gets its first
         tokens out, and then cannot finish. Each step runs the engines for `step_s` (a few tokens of the tiny
         model), then pauses them and polls `predicate` for up to `settle_s`, so a worker that is slow to forward
@@ -176,8 +184,9 @@ class PausedEngines:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition",
-             interval: float = 0.25) -> None:
+def wait_for(
+    predicate, *, timeout: float, farm: FarmProcesses | None = None, what: str = "condition", interval: float = 0.25
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if farm is not None:
@@ -188,8 +197,9 @@ def wait_for(predicate, *, timeout: float, farm: FarmProcesses | None = None, wh
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def wait_quiet(snapshot: Callable[[], object], *, quiet_s: float, timeout: float, what: str,
-               interval: float = 0.25) -> object:
+def wait_quiet(
+    snapshot: Callable[[], object], *, quiet_s: float, timeout: float, what: str, interval: float = 0.25
+) -> object:
     """Waits until `snapshot()` is not None and has not changed for `quiet_s`; returns it. For a farm whose engines
     are paused: the workers still finish what the engines made before the pause, then nothing moves."""
     deadline = time.monotonic() + timeout
@@ -224,12 +234,20 @@ def registry_entries(client: redis.Redis) -> dict[str, dict]:
     return {worker_id: orjson.loads(value) for worker_id, value in zip(ids, values, strict=True) if value is not None}
 
 
-def start_worker(farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32, **extra_env: str
-                 ) -> subprocess.Popen:
-    return farm.start(name, processes.gpu_worker_command(specs=[spec], worker_id=name, concurrency=concurrency),
-                      **extra_env)
+def start_worker(
+    farm: FarmProcesses, *, name: str, spec: str, concurrency: int = 32, **extra_env: str
+) -> subprocess.Popen:
+    return farm.start(
+        name, processes.gpu_worker_command(specs=[spec], worker_id=name, concurrency=concurrency), **extra_env
+    )
 
 
 def child_env(*, database_url: str, model_dir: Path) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url, "FARM_MODEL_DIR": str(model_dir), "PYTHONUNBUFFERED": "1",
-            "FARM_HEARTBEAT_S": "1", "FARM_WORKER_TTL_S": "4"}
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "FARM_MODEL_DIR": str(model_dir),
+        "PYTHONUNBUFFERED": "1",
+        "FARM_HEARTBEAT_S": "1",
+        "FARM_WORKER_TTL_S": "4",
+    }

@@ -251,16 +251,26 @@ def test_a_lazy_worker_loads_on_first_request_and_unloads_the_least_recently_use
     from farm import processes
 
     budget_gib = 1.5  # one tiny engine needs ~1.0 GiB (FARM_CPU_KVCACHE_GIB=1 + weights): room for one only
-    fleet.processes.start(LAZY_WORKER, processes.gpu_worker_command(
-        specs=[], lazy_specs=[LAZY_X, LAZY_Y, LAZY_BROKEN], worker_id=LAZY_WORKER, concurrency=SLOTS,
-        memory_gib=budget_gib))
+    fleet.processes.start(
+        LAZY_WORKER,
+        processes.gpu_worker_command(
+            specs=[],
+            lazy_specs=[LAZY_X, LAZY_Y, LAZY_BROKEN],
+            worker_id=LAZY_WORKER,
+            concurrency=SLOTS,
+            memory_gib=budget_gib,
+        ),
+    )
     entry = lambda: fleet.registry().get(LAZY_WORKER, {})  # noqa: E731
 
     def engine_cores() -> int:
         """Live vLLM engine processes under the worker (an engine core's own children not counted; the exited core
         of an unloaded engine may stay a zombie, holding no memory, until vLLM's process manager reaps it)."""
-        vllm = {p.pid: p for p in fleet.processes.descendants(LAZY_WORKER)
-                if p.name().startswith("VLLM::") and _status(p) not in (psutil.STATUS_ZOMBIE, None)}
+        vllm = {
+            p.pid: p
+            for p in fleet.processes.descendants(LAZY_WORKER)
+            if p.name().startswith("VLLM::") and _status(p) not in (psutil.STATUS_ZOMBIE, None)
+        }
         return sum(1 for p in vllm.values() if p.ppid() not in vllm)
 
     def loaded_only(spec: str) -> bool:
@@ -270,12 +280,18 @@ def test_a_lazy_worker_loads_on_first_request_and_unloads_the_least_recently_use
         try:
             wait_for(lambda: loaded_only(spec), timeout=10, what=f"{spec} alone loaded")
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}: specs {entry().get('specs')}, engine processes {engine_cores()}, "
-                                 f"{[p.name() for p in fleet.processes.descendants(LAZY_WORKER)]}") from exc
+            raise AssertionError(
+                f"{exc}: specs {entry().get('specs')}, engine processes {engine_cores()}, "
+                f"{[p.name() for p in fleet.processes.descendants(LAZY_WORKER)]}"
+            ) from exc
 
     try:
-        wait_for(lambda: set(entry().get("lazy_specs", ())) == {LAZY_X, LAZY_Y, LAZY_BROKEN}, timeout=120,
-                 farm=fleet.processes, what="the lazy worker advertised")
+        wait_for(
+            lambda: set(entry().get("lazy_specs", ())) == {LAZY_X, LAZY_Y, LAZY_BROKEN},
+            timeout=120,
+            farm=fleet.processes,
+            what="the lazy worker advertised",
+        )
         assert entry()["specs"] == [] and engine_cores() == 0
         assert entry()["memory"] == {"budget_bytes": int(budget_gib * 2**30), "used_bytes": 0}
         time.sleep(3)  # the Celery consumers start a moment after the first heartbeat
@@ -290,13 +306,19 @@ def test_a_lazy_worker_loads_on_first_request_and_unloads_the_least_recently_use
         assert warm < cold
 
         assert_answered(fleet.chat("cold y", model=LAZY_Y, max_tokens=4))
-        wait_for(lambda: f"unloading {LAZY_X} (least recently used" in fleet.processes.log_tail(LAZY_WORKER, 10**6),
-                 timeout=10, what="x unloaded")
+        wait_for(
+            lambda: f"unloading {LAZY_X} (least recently used" in fleet.processes.log_tail(LAZY_WORKER, 10**6),
+            timeout=10,
+            what="x unloaded",
+        )
         wait_loaded_only(LAZY_Y)
         assert set(entry()["lazy_specs"]) == {LAZY_X, LAZY_BROKEN}
         assert_answered(fleet.chat("x again", model=LAZY_X, max_tokens=4))
-        wait_for(lambda: f"unloading {LAZY_Y} (least recently used" in fleet.processes.log_tail(LAZY_WORKER, 10**6),
-                 timeout=10, what="y unloaded")
+        wait_for(
+            lambda: f"unloading {LAZY_Y} (least recently used" in fleet.processes.log_tail(LAZY_WORKER, 10**6),
+            timeout=10,
+            what="y unloaded",
+        )
         wait_loaded_only(LAZY_X)
 
         broken = fleet.chat("never", model=LAZY_BROKEN, max_tokens=4)
@@ -353,8 +375,11 @@ def test_sigkill_of_one_worker_moves_all_traffic_to_the_other_spec(fleet: Fleet)
     # ZMQ queue to the worker is unbounded), and a `running` row may be an ended job whose outcome is in transit.
     with fleet.processes.engines_paused(["fleet-a"]):  # resuming a killed process is a no-op
         paused_at = timezone.now()
-        wait_for(lambda: bool(fleet.jobs(spec__name=SPEC_A, status="running", created_at__gt=paused_at)),
-                 timeout=30, what="a job sent after the pause in flight on A")
+        wait_for(
+            lambda: bool(fleet.jobs(spec__name=SPEC_A, status="running", created_at__gt=paused_at)),
+            timeout=30,
+            what="a job sent after the pause in flight on A",
+        )
         killed_at = fleet.processes.kill("fleet-a")
     time.sleep(4 * LEASE_S)
     stop.set()

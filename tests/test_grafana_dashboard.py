@@ -34,9 +34,16 @@ def test_every_panel_queries_an_exposed_metric() -> None:
     available = exposed_names(REGISTRY.collect()) | exposed_names(worker.collect())
     assert used <= available, sorted(used - available)
     # the list: queue depth and age, GPU memory/utilisation, job states, TTFT, tokens/s, rate-limit rejections
-    for wanted in ("farm_queue_depth", "farm_queue_oldest_pending_seconds", "farm_gpu_memory_used_bytes",
-                   "farm_gpu_utilization_ratio", "farm_jobs", "farm_time_to_first_token_seconds_bucket",
-                   "farm_worker_tokens_per_second", "farm_rate_limit_rejections_total"):
+    for wanted in (
+        "farm_queue_depth",
+        "farm_queue_oldest_pending_seconds",
+        "farm_gpu_memory_used_bytes",
+        "farm_gpu_utilization_ratio",
+        "farm_jobs",
+        "farm_time_to_first_token_seconds_bucket",
+        "farm_worker_tokens_per_second",
+        "farm_rate_limit_rejections_total",
+    ):
         assert wanted in used, wanted
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -37,8 +37,16 @@ pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WORKER = "worker-1"
 
 
@@ -61,13 +69,17 @@ def consumed_queues(worker_id: str = WORKER) -> set[str] | None:
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def chat(openai_client: openai.OpenAI, content: str, max_tokens: int = 8):
-    return openai_client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": content}],
-                                                 max_tokens=max_tokens)
+    return openai_client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens
+    )
 
 
 def test_drain_and_resume_reach_the_live_worker(live_farm: LiveFarm, openai_client: openai.OpenAI) -> None:
@@ -100,7 +112,13 @@ def test_api_and_worker_metrics(live_farm: LiveFarm, openai_client: openai.OpenA
     assert ("farm_queue_depth", queue) in api
     assert ("farm_queue_oldest_pending_seconds", queue) in api
     assert {labels[0][1] for (name, labels) in api if name == "farm_jobs"} == {
-        "queued", "running", "succeeded", "failed", "canceled", "timed_out"}
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "canceled",
+        "timed_out",
+    }
     assert api[("farm_jobs", (("status", "succeeded"),))] >= 1
     assert ("farm_worker_tokens_per_second", (("worker", WORKER),)) in api
     assert api[("farm_workers", (("status", "ready"),))] >= 1
@@ -126,8 +144,10 @@ def test_flower_lists_the_farm_workers_and_queues(live_farm: LiveFarm) -> None:
         wait_for(lambda: _status(f"{base}/healthcheck") == 200, timeout=60, farm=farm, what="Flower")
         print(f"\nFlower answered after {time.monotonic() - started:.1f}s")
         assert _status(f"{base}/api/workers") == 401  # basic auth from the settings' FLOWER_BASIC_AUTH format
-        request = urllib.request.Request(f"{base}/api/workers?refresh=1", headers={
-            "Authorization": "Basic " + base64.b64encode(b"ops:fl0wer-pw").decode()})
+        request = urllib.request.Request(
+            f"{base}/api/workers?refresh=1",
+            headers={"Authorization": "Basic " + base64.b64encode(b"ops:fl0wer-pw").decode()},
+        )
         workers: dict = {}
 
         def listed() -> bool:
@@ -135,7 +155,8 @@ def test_flower_lists_the_farm_workers_and_queues(live_farm: LiveFarm) -> None:
             with urllib.request.urlopen(request, timeout=15) as response:
                 workers = orjson.loads(response.read())
             return any(name.startswith(f"{WORKER}@") for name in workers) and any(
-                name.startswith("control@") for name in workers)
+                name.startswith("control@") for name in workers
+            )
 
         wait_for(listed, timeout=45, farm=farm, what="Flower to list the farm's workers")
         queues_of = {name: {q["name"] for q in info.get("active_queues") or []} for name, info in workers.items()}
@@ -172,8 +193,9 @@ def staff_login(live_farm: LiveFarm, django_db_blocker) -> Iterator[tuple[str, s
             user.delete()
 
 
-def test_browser_admin_overview_and_cancel(live_farm: LiveFarm, openai_client: openai.OpenAI, staff_login,
-                                           django_db_blocker) -> None:
+def test_browser_admin_overview_and_cancel(
+    live_farm: LiveFarm, openai_client: openai.OpenAI, staff_login, django_db_blocker
+) -> None:
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("Chromium is not installed (apt-get install -y chromium)")
 
@@ -185,8 +207,12 @@ def test_browser_admin_overview_and_cancel(live_farm: LiveFarm, openai_client: o
     def long_stream() -> None:  # 900 tokens (about 10 s here): still running when the operator cancels it
         try:
             stream = openai_client.chat.completions.create(
-                model=TINY_MODEL, messages=[{"role": "user", "content": marker}], max_tokens=900, stream=True,
-                extra_body={"ignore_eos": True})
+                model=TINY_MODEL,
+                messages=[{"role": "user", "content": marker}],
+                max_tokens=900,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             outcome["chunks"] = sum(1 for _ in stream)
         except openai.APIError as exc:
             outcome["error"] = exc

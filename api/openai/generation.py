@@ -49,8 +49,11 @@ class Shaper(Protocol):
 
 
 def usage(end: End) -> dict[str, int]:
-    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-            "total_tokens": end.prompt_tokens + end.completion_tokens}
+    return {
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "total_tokens": end.prompt_tokens + end.completion_tokens,
+    }
 
 
 def failure_error(failure: Failure) -> FarmError:
@@ -63,8 +66,14 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 async def _mark_timed_out(sub: Submission) -> None:
     """The API gave up waiting: end the job unless its worker already ended it."""
-    await run_db(jobs.job_transition, job_id=sub.job_id, attempt=None, to=JobStatus.TIMED_OUT, worker_id="api",
-                 detail={"error": {"code": "deadline_exceeded", "message": "no result before the deadline"}})
+    await run_db(
+        jobs.job_transition,
+        job_id=sub.job_id,
+        attempt=None,
+        to=JobStatus.TIMED_OUT,
+        worker_id="api",
+        detail={"error": {"code": "deadline_exceeded", "message": "no result before the deadline"}},
+    )
 
 
 _background: set[asyncio.Task] = set()
@@ -98,8 +107,9 @@ def _cancel_abandoned(sub: Submission, reservation: Reservation, streamed_tokens
     task.add_done_callback(_background.discard)
 
 
-async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool,
-                        events: AsyncIterator[StreamEvent], reservation: Reservation) -> AsyncIterator[bytes]:
+async def _event_stream(
+    sub: Submission, shaper: Shaper, include_usage: bool, events: AsyncIterator[StreamEvent], reservation: Reservation
+) -> AsyncIterator[bytes]:
     streamed = _Streamed()
     try:
         async for chunk in _sse_chunks(sub, shaper, include_usage, events, reservation, streamed=streamed):
@@ -109,37 +119,72 @@ async def _event_stream(sub: Submission, shaper: Shaper, include_usage: bool,
         raise
     except (RedisError, DatabaseError) as exc:  # the job goes on; this stream cannot
         log.warning("stream of job %s broken: %s", sub.job_id, exc)
-        yield _sse({"error": {"message": "The token stream was interrupted; the job's result will be in "
-                              f"GET /v1/jobs/{sub.job_id}.", "type": "service_unavailable", "param": None,
-                              "code": "stream_interrupted"}})
+        yield _sse(
+            {
+                "error": {
+                    "message": "The token stream was interrupted; the job's result will be in "
+                    f"GET /v1/jobs/{sub.job_id}.",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "stream_interrupted",
+                }
+            }
+        )
         yield b"data: [DONE]\n\n"
 
 
-async def _sse_chunks(sub: Submission, shaper: Shaper, include_usage: bool,
-                      events: AsyncIterator[StreamEvent], reservation: Reservation, *,
-                      streamed: _Streamed) -> AsyncIterator[bytes]:
+async def _sse_chunks(
+    sub: Submission,
+    shaper: Shaper,
+    include_usage: bool,
+    events: AsyncIterator[StreamEvent],
+    reservation: Reservation,
+    *,
+    streamed: _Streamed,
+) -> AsyncIterator[bytes]:
     first = True
     async for event in events:
         if isinstance(event, Restart):
             if first:  # nothing sent yet: the retry is invisible to the client
                 continue
-            yield _sse({"error": {"message": "The worker serving this stream was lost; the job is being retried and "
-                                  "its result will be in GET /v1/jobs/{id}.", "type": "server_error", "param": None,
-                                  "code": "worker_lost"}})
+            yield _sse(
+                {
+                    "error": {
+                        "message": "The worker serving this stream was lost; the job is being retried and "
+                        "its result will be in GET /v1/jobs/{id}.",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "worker_lost",
+                    }
+                }
+            )
             break
         if isinstance(event, Delta):
             streamed.tokens += event.tokens
-            yield _sse({**shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
-                        **({"usage": None} if include_usage else {})})
+            yield _sse(
+                {
+                    **shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
+                    **({"usage": None} if include_usage else {}),
+                }
+            )
             first = False
         elif isinstance(event, End):
             TOKENS.labels(model=sub.model).inc(event.completion_tokens)
             await _settle(reservation, event)
-            yield _sse({**shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
-                        **({"usage": None} if include_usage else {})})
+            yield _sse(
+                {
+                    **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
+                    **({"usage": None} if include_usage else {}),
+                }
+            )
             if include_usage:
-                yield _sse({**shaper.chunk(sub, text=None, finish_reason=None, first=False), "choices": [],
-                            "usage": usage(event)})
+                yield _sse(
+                    {
+                        **shaper.chunk(sub, text=None, finish_reason=None, first=False),
+                        "choices": [],
+                        "usage": usage(event),
+                    }
+                )
         else:
             if event.code == "deadline_exceeded":
                 await _mark_timed_out(sub)
@@ -184,13 +229,23 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
     principal = await authenticate(request)
     params = validate(schema, json_body(request))
     request.farm_model = params.model  # type: ignore[attr-defined]  (metrics label)
-    job_request = api_key_check_request(policy=principal.policy, model=params.model,
-                                        request=params.job_request(),  # type: ignore[attr-defined]
-                                        max_tokens_param=_max_tokens_param(params))
+    job_request = api_key_check_request(
+        policy=principal.policy,
+        model=params.model,
+        request=params.job_request(),  # type: ignore[attr-defined]
+        max_tokens_param=_max_tokens_param(params),
+    )
     reservation = await rate_limit_reserve(principal=principal, request=job_request)
     try:
-        response = await _generate(request, params, shaper, principal=principal, job_request=job_request,
-                                   reservation=reservation, started=started)
+        response = await _generate(
+            request,
+            params,
+            shaper,
+            principal=principal,
+            job_request=job_request,
+            reservation=reservation,
+            started=started,
+        )
     except FarmError as exc:  # refused or failed: give the reserved tokens back (a 5xx outage keeps them: safe side)
         await _settle(reservation, None)
         exc.headers = {**reservation.headers, **exc.headers}
@@ -200,10 +255,21 @@ async def generation_view(request: HttpRequest, schema: type[SamplingRequest], s
     return response
 
 
-async def _generate(request: HttpRequest, params: SamplingRequest, shaper: Shaper, *, principal: KeyPrincipal,
-                    job_request: dict[str, Any], reservation: Reservation, started: float) -> HttpResponse:
+async def _generate(
+    request: HttpRequest,
+    params: SamplingRequest,
+    shaper: Shaper,
+    *,
+    principal: KeyPrincipal,
+    job_request: dict[str, Any],
+    reservation: Reservation,
+    started: float,
+) -> HttpResponse:
     sub = await inference_submit(
-        principal=principal, kind=shaper.kind, model_name=params.model, request=job_request,
+        principal=principal,
+        kind=shaper.kind,
+        model_name=params.model,
+        request=job_request,
         timeout_s=min(params.timeout or env.FARM_INFERENCE_TIMEOUT_S, env.FARM_INFERENCE_TIMEOUT_S),
         request_id=getattr(request, "request_id", ""),
     )
@@ -219,7 +285,8 @@ async def _generate(request: HttpRequest, params: SamplingRequest, shaper: Shape
         TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
         response = StreamingHttpResponse(
             _event_stream(sub, shaper, params.include_usage, _prepend(head, events), reservation),
-            content_type="text/event-stream")
+            content_type="text/event-stream",
+        )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response

@@ -12,8 +12,13 @@ MAX_ID_CHARS = 40
 
 def list_page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
     """One page of objects in OpenAI's list envelope."""
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def list_params(request: Request) -> dict[str, str]:

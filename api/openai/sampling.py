@@ -48,11 +48,22 @@ class SamplingRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     # Validators below keep OpenAI-style messages; `WithJsonSchema` says the same thing in the OpenAPI document.
     n: Annotated[int | None, INTEGRAL, WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
-    stop: Annotated[str | list[str] | None, WithJsonSchema({"anyOf": [
-        {"type": "string", "pattern": NO_NUL_PATTERN},
-        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1, "pattern": NO_NUL_PATTERN}},
-        {"type": "null"},
-    ]})] = None
+    stop: Annotated[
+        str | list[str] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": NO_NUL_PATTERN},
+                    {
+                        "type": "array",
+                        "maxItems": 4,
+                        "items": {"type": "string", "minLength": 1, "pattern": NO_NUL_PATTERN},
+                    },
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]), INTEGRAL] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

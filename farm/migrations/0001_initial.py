@@ -8,7 +8,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -17,115 +16,220 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Model',
+            name="Model",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='What clients send as `model`.', max_length=100, unique=True)),
-                ('source', models.CharField(blank=True, help_text='Default weights: a directory under the model dir.', max_length=500)),
-                ('engine_args', models.JSONField(blank=True, default=dict, help_text='Default vLLM engine arguments.')),
-                ('owned_by', models.CharField(default='farm', max_length=100)),
-                ('enabled', models.BooleanField(default=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(help_text="What clients send as `model`.", max_length=100, unique=True)),
+                (
+                    "source",
+                    models.CharField(
+                        blank=True, help_text="Default weights: a directory under the model dir.", max_length=500
+                    ),
+                ),
+                ("engine_args", models.JSONField(blank=True, default=dict, help_text="Default vLLM engine arguments.")),
+                ("owned_by", models.CharField(default="farm", max_length=100)),
+                ("enabled", models.BooleanField(default=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Worker',
+            name="Worker",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('worker_id', models.CharField(max_length=200, unique=True)),
-                ('hostname', models.CharField(blank=True, max_length=200)),
-                ('status', models.CharField(choices=[('online', 'Online'), ('offline', 'Offline')], default='online', max_length=20)),
-                ('specs', models.JSONField(blank=True, default=list)),
-                ('hardware', models.JSONField(blank=True, default=dict)),
-                ('load', models.JSONField(blank=True, default=dict)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('last_seen_at', models.DateTimeField(blank=True, null=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("worker_id", models.CharField(max_length=200, unique=True)),
+                ("hostname", models.CharField(blank=True, max_length=200)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("online", "Online"), ("offline", "Offline")], default="online", max_length=20
+                    ),
+                ),
+                ("specs", models.JSONField(blank=True, default=list)),
+                ("hardware", models.JSONField(blank=True, default=dict)),
+                ("load", models.JSONField(blank=True, default=dict)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("last_seen_at", models.DateTimeField(blank=True, null=True)),
             ],
         ),
         migrations.CreateModel(
-            name='ApiKey',
+            name="ApiKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=100)),
-                ('lookup_id', models.CharField(help_text='Public id inside the key, used to find it.', max_length=16, unique=True)),
-                ('prefix', models.CharField(help_text='Visible start of the key (safe to log).', max_length=32)),
-                ('secret_hash', models.CharField(max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('expires_at', models.DateTimeField(blank=True, null=True)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('owner', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to=settings.AUTH_USER_MODEL)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(blank=True, max_length=100)),
+                (
+                    "lookup_id",
+                    models.CharField(
+                        help_text="Public id inside the key, used to find it.", max_length=16, unique=True
+                    ),
+                ),
+                ("prefix", models.CharField(help_text="Visible start of the key (safe to log).", max_length=32)),
+                ("secret_hash", models.CharField(max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("expires_at", models.DateTimeField(blank=True, null=True)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="api_keys",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'API key',
+                "verbose_name": "API key",
             },
         ),
         migrations.CreateModel(
-            name='Job',
+            name="Job",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('kind', models.CharField(choices=[('chat.completion', 'Chat'), ('text_completion', 'Completion')], max_length=40)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('canceled', 'Canceled'), ('timed_out', 'Timed Out')], db_index=True, default='queued', max_length=20)),
-                ('attempt', models.PositiveIntegerField(default=1)),
-                ('max_attempts', models.PositiveIntegerField(default=3)),
-                ('worker_id', models.CharField(blank=True, max_length=200)),
-                ('request', models.JSONField(default=dict)),
-                ('result', models.JSONField(blank=True, null=True)),
-                ('usage', models.JSONField(blank=True, null=True)),
-                ('error', models.JSONField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('deadline_at', models.DateTimeField(blank=True, null=True)),
-                ('api_key', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='farm.apikey')),
-                ('owner', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='jobs', to=settings.AUTH_USER_MODEL)),
-                ('model', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='farm.model')),
+                ("id", models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("chat.completion", "Chat"), ("text_completion", "Completion")], max_length=40
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("canceled", "Canceled"),
+                            ("timed_out", "Timed Out"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=20,
+                    ),
+                ),
+                ("attempt", models.PositiveIntegerField(default=1)),
+                ("max_attempts", models.PositiveIntegerField(default=3)),
+                ("worker_id", models.CharField(blank=True, max_length=200)),
+                ("request", models.JSONField(default=dict)),
+                ("result", models.JSONField(blank=True, null=True)),
+                ("usage", models.JSONField(blank=True, null=True)),
+                ("error", models.JSONField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("deadline_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "api_key",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="jobs",
+                        to="farm.apikey",
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="jobs", to=settings.AUTH_USER_MODEL
+                    ),
+                ),
+                (
+                    "model",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="jobs",
+                        to="farm.model",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='JobEvent',
+            name="JobEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('at', models.DateTimeField(auto_now_add=True)),
-                ('kind', models.CharField(max_length=40)),
-                ('attempt', models.PositiveIntegerField(default=1)),
-                ('worker_id', models.CharField(blank=True, max_length=200)),
-                ('detail', models.JSONField(blank=True, default=dict)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='farm.job')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("at", models.DateTimeField(auto_now_add=True)),
+                ("kind", models.CharField(max_length=40)),
+                ("attempt", models.PositiveIntegerField(default=1)),
+                ("worker_id", models.CharField(blank=True, max_length=200)),
+                ("detail", models.JSONField(blank=True, default=dict)),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="events", to="farm.job"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['at', 'id'],
+                "ordering": ["at", "id"],
             },
         ),
         migrations.CreateModel(
-            name='ModelSpec',
+            name="ModelSpec",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(help_text='Queue `infer.<name>`; never shown to clients.', max_length=100, unique=True)),
-                ('engine', models.CharField(choices=[('vllm', 'vLLM (GPU)'), ('vllm-cpu', 'vLLM (CPU)')], default='vllm', max_length=20)),
-                ('source', models.CharField(blank=True, help_text="Overrides the model's source when set.", max_length=500)),
-                ('engine_args', models.JSONField(blank=True, default=dict, help_text="Merged over the model's engine args.")),
-                ('resource_profile', models.CharField(default='cpu', help_text='`cpu:4`, `gpu:A100-80GB x2`…', max_length=100)),
-                ('min_replicas', models.PositiveIntegerField(default=0)),
-                ('weight', models.PositiveIntegerField(default=100, help_text='Share of traffic; 0 = standby only.')),
-                ('enabled', models.BooleanField(default=True)),
-                ('model', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='specs', to='farm.model')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "name",
+                    models.SlugField(
+                        help_text="Queue `infer.<name>`; never shown to clients.", max_length=100, unique=True
+                    ),
+                ),
+                (
+                    "engine",
+                    models.CharField(
+                        choices=[("vllm", "vLLM (GPU)"), ("vllm-cpu", "vLLM (CPU)")], default="vllm", max_length=20
+                    ),
+                ),
+                (
+                    "source",
+                    models.CharField(blank=True, help_text="Overrides the model's source when set.", max_length=500),
+                ),
+                (
+                    "engine_args",
+                    models.JSONField(blank=True, default=dict, help_text="Merged over the model's engine args."),
+                ),
+                (
+                    "resource_profile",
+                    models.CharField(default="cpu", help_text="`cpu:4`, `gpu:A100-80GB x2`…", max_length=100),
+                ),
+                ("min_replicas", models.PositiveIntegerField(default=0)),
+                ("weight", models.PositiveIntegerField(default=100, help_text="Share of traffic; 0 = standby only.")),
+                ("enabled", models.BooleanField(default=True)),
+                (
+                    "model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="specs", to="farm.model"
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='job',
-            name='spec',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='farm.modelspec'),
+            model_name="job",
+            name="spec",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="jobs",
+                to="farm.modelspec",
+            ),
         ),
         migrations.AddIndex(
-            model_name='job',
-            index=models.Index(fields=['owner', '-created_at'], name='farm_job_owner_i_90d14a_idx'),
+            model_name="job",
+            index=models.Index(fields=["owner", "-created_at"], name="farm_job_owner_i_90d14a_idx"),
         ),
         migrations.AddConstraint(
-            model_name='job',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['queued', 'running', 'succeeded', 'failed', 'canceled', 'timed_out'])), name='job_status_valid'),
+            model_name="job",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("status__in", ["queued", "running", "succeeded", "failed", "canceled", "timed_out"])
+                ),
+                name="job_status_valid",
+            ),
         ),
     ]

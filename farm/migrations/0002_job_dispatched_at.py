@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('farm', '0001_initial'),
+        ("farm", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='job',
-            name='dispatched_at',
-            field=models.DateTimeField(blank=True, help_text='Last time its message was published.', null=True),
+            model_name="job",
+            name="dispatched_at",
+            field=models.DateTimeField(blank=True, help_text="Last time its message was published.", null=True),
         ),
     ]

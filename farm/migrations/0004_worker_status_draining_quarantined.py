@@ -4,15 +4,23 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('farm', '0003_terminal_states_are_final'),
+        ("farm", "0003_terminal_states_are_final"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='worker',
-            name='status',
-            field=models.CharField(choices=[('online', 'Online'), ('draining', 'Draining'), ('quarantined', 'Quarantined'), ('offline', 'Offline')], default='online', max_length=20),
+            model_name="worker",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("online", "Online"),
+                    ("draining", "Draining"),
+                    ("quarantined", "Quarantined"),
+                    ("offline", "Offline"),
+                ],
+                default="online",
+                max_length=20,
+            ),
         ),
     ]

@@ -4,9 +4,8 @@ from django.db import migrations
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('farm', '0007_fine_tuning'),
+        ("farm", "0007_fine_tuning"),
     ]
 
     operations = []

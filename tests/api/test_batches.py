@@ -293,8 +293,9 @@ def test_cancel_stops_the_batch_within_seconds(batch_farm: BatchFarm) -> None:
     # Lines run in waves of the workers' slots (16 each); long lines keep the later waves far from done when the
     # 10th line is counted (the count lags the engine by the control queue).
     batch = submit(client, batch_input(200, max_tokens=600, ignore_eos=True))
-    wait_for(lambda: len(succeeded_lines(batch_farm, batch.id)) >= 10, timeout=300, interval=0.05,
-             what="10 finished lines")
+    wait_for(
+        lambda: len(succeeded_lines(batch_farm, batch.id)) >= 10, timeout=300, interval=0.05, what="10 finished lines"
+    )
     # The engines are paused for the cancel: the tiny model could otherwise finish every line before it lands. The
     # workers are not: they abort their engine requests and drop the lines still queued, as they would anyway.
     with batch_farm.processes.engines_paused(batch_farm.workers):
@@ -333,12 +334,17 @@ def test_a_worker_killed_midway_does_not_rerun_finished_lines(batch_farm: BatchF
     # The engine is paused before the kill, and the kill waits until the lines stop moving: the worker first drains
     # what the engine made before the pause (its ZMQ queue to the worker is unbounded: the tiny model can be
     # hundreds of tokens ahead, and the lines then in flight end anyway), then starts new lines that cannot finish.
-    wait_for(lambda: len(succeeded_lines(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05,
-             what="60 finished lines")
+    wait_for(
+        lambda: len(succeeded_lines(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05, what="60 finished lines"
+    )
     victim = batch_farm.workers[-1]
     with batch_farm.processes.engines_paused([victim]):  # resuming the killed one is a no-op
-        wait_quiet(lambda: line_states(batch_farm, batch.id), quiet_s=3.0, timeout=120,
-                   what="lines stuck in flight on the paused engine")
+        wait_quiet(
+            lambda: line_states(batch_farm, batch.id),
+            quiet_s=3.0,
+            timeout=120,
+            what="lines stuck in flight on the paused engine",
+        )
         batch_farm.processes.kill(victim)
         time.sleep(1.0)  # outcome events the victim sent before dying reach the database
         finished_before = succeeded_lines(batch_farm, batch.id)

@@ -37,14 +37,16 @@ class RecordingApp:
         return b"".join(m.get("body", b"") for m in self.received if m["type"] == "http.request")
 
 
-def run(chunks: list[bytes], *, declared: int | None = None,
-        method: str = "POST") -> tuple[RecordingApp, list[Message]]:
+def run(
+    chunks: list[bytes], *, declared: int | None = None, method: str = "POST"
+) -> tuple[RecordingApp, list[Message]]:
     headers = [(b"content-type", b"application/json")]
     if declared is not None:
         headers.append((b"content-length", str(declared).encode()))
     scope = {"type": "http", "method": method, "path": "/v1/chat/completions", "headers": headers}
-    incoming = [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
-                for i, chunk in enumerate(chunks)] + [{"type": "http.disconnect"}]
+    incoming = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1} for i, chunk in enumerate(chunks)
+    ] + [{"type": "http.disconnect"}]
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -73,12 +75,15 @@ def assert_413(inner: RecordingApp, sent: list[Message]) -> None:
     assert set(error) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize(("chunks", "declared"), [
-    pytest.param([b'{"a": 1}'], 8, id="one-chunk"),
-    pytest.param([b"x" * 300, b"y" * 300, b"", b"z" * 400], None, id="chunked-exactly-at-limit"),
-    pytest.param([b"x" * LIMIT], LIMIT, id="declared-exactly-at-limit"),
-    pytest.param([b""], 0, id="empty"),
-])
+@pytest.mark.parametrize(
+    ("chunks", "declared"),
+    [
+        pytest.param([b'{"a": 1}'], 8, id="one-chunk"),
+        pytest.param([b"x" * 300, b"y" * 300, b"", b"z" * 400], None, id="chunked-exactly-at-limit"),
+        pytest.param([b"x" * LIMIT], LIMIT, id="declared-exactly-at-limit"),
+        pytest.param([b""], 0, id="empty"),
+    ],
+)
 def test_body_under_the_limit_is_replayed_intact_in_one_message(chunks: list[bytes], declared: int | None) -> None:
     inner, sent = run(chunks, declared=declared)
     assert inner.calls == 1
@@ -92,11 +97,14 @@ def test_declared_length_over_the_limit_is_rejected_before_reading() -> None:
     assert_413(inner, sent)
 
 
-@pytest.mark.parametrize("chunks", [
-    pytest.param([b"x" * (LIMIT + 1)], id="one-chunk"),
-    pytest.param([b"x" * 400] * 3, id="many-chunks"),
-    pytest.param([b"x" * LIMIT, b"y"], id="one-byte-over"),
-])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param([b"x" * (LIMIT + 1)], id="one-chunk"),
+        pytest.param([b"x" * 400] * 3, id="many-chunks"),
+        pytest.param([b"x" * LIMIT, b"y"], id="one-byte-over"),
+    ],
+)
 def test_chunked_body_over_the_limit_is_rejected(chunks: list[bytes]) -> None:
     assert_413(*run(chunks))
 

@@ -12,8 +12,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 def test_chat_returns_completion_with_usage_counted_by_the_tokenizer(openai_client, tiny_tokenizer):
-    response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=7,
-                                                     temperature=0)
+    response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=7, temperature=0)
     choice = response.choices[0]
     assert response.object == "chat.completion"
     assert response.model == TINY_MODEL
@@ -30,16 +29,18 @@ def test_chat_returns_completion_with_usage_counted_by_the_tokenizer(openai_clie
 
 
 def test_ignore_eos_generates_exactly_max_tokens_and_finishes_with_length(openai_client):
-    response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=12,
-                                                     extra_body={"ignore_eos": True})
+    response = openai_client.chat.completions.create(
+        model=TINY_MODEL, messages=MESSAGES, max_tokens=12, extra_body={"ignore_eos": True}
+    )
     assert response.usage.completion_tokens == 12
     assert response.choices[0].finish_reason == "length"
 
 
 def test_same_seed_gives_same_text_and_greedy_is_deterministic(openai_client):
     def ask(**kwargs):
-        response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=10,
-                                                         extra_body={"ignore_eos": True}, **kwargs)
+        response = openai_client.chat.completions.create(
+            model=TINY_MODEL, messages=MESSAGES, max_tokens=10, extra_body={"ignore_eos": True}, **kwargs
+        )
         return response.choices[0].message.content
 
     assert ask(temperature=1.0, seed=1234) == ask(temperature=1.0, seed=1234)
@@ -48,9 +49,11 @@ def test_same_seed_gives_same_text_and_greedy_is_deterministic(openai_client):
 
 def test_presence_and_frequency_penalties_reach_the_engine(openai_client):
     """Greedy output of the tiny random model repeats tokens; a penalty on repeats must change it."""
+
     def ask(**kwargs):
-        response = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=40,
-                                                         temperature=0, extra_body={"ignore_eos": True}, **kwargs)
+        response = openai_client.chat.completions.create(
+            model=TINY_MODEL, messages=MESSAGES, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}, **kwargs
+        )
         return response.choices[0].message.content
 
     plain = ask()
@@ -60,11 +63,15 @@ def test_presence_and_frequency_penalties_reach_the_engine(openai_client):
 
 
 def test_stream_matches_non_stream_and_ends_with_usage(openai_client):
-    kwargs = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 9, "temperature": 0,
-              "extra_body": {"ignore_eos": True}}
+    kwargs = {
+        "model": TINY_MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 9,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = openai_client.chat.completions.create(**kwargs)
-    chunks = list(openai_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
-                                                        **kwargs))
+    chunks = list(openai_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     content_chunks = [c for c in chunks if c.choices]
     assert content_chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -78,19 +85,24 @@ def test_stream_matches_non_stream_and_ends_with_usage(openai_client):
 
 
 def test_stream_without_include_usage_sends_no_usage_chunk(openai_client):
-    chunks = list(openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=3,
-                                                        stream=True))
+    chunks = list(openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=3, stream=True))
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
 
 
 def test_stop_sequence_ends_generation_before_it(openai_client):
-    base = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=30, temperature=0,
-                                                 extra_body={"ignore_eos": True}).choices[0].message.content
+    base = (
+        openai_client.chat.completions.create(
+            model=TINY_MODEL, messages=MESSAGES, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .message.content
+    )
     assert len(base) > 4
     stop = base[2:4]
-    stopped = openai_client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=30, temperature=0,
-                                                    stop=[stop], extra_body={"ignore_eos": True})
+    stopped = openai_client.chat.completions.create(
+        model=TINY_MODEL, messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert stop not in stopped.choices[0].message.content
     assert stopped.choices[0].finish_reason == "stop"
     assert base.startswith(stopped.choices[0].message.content)
@@ -103,11 +115,14 @@ def test_concurrent_requests_all_complete(live_farm):
 
     async def burst():
         async with openai.AsyncOpenAI(base_url=live_farm.v1, api_key=live_farm.api_key, max_retries=0) as client:
-            return await asyncio.gather(*[
-                client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=16,
-                                               extra_body={"ignore_eos": True})
-                for _ in range(24)
-            ])
+            return await asyncio.gather(
+                *[
+                    client.chat.completions.create(
+                        model=TINY_MODEL, messages=MESSAGES, max_tokens=16, extra_body={"ignore_eos": True}
+                    )
+                    for _ in range(24)
+                ]
+            )
 
     results = asyncio.run(burst())
     assert [r.usage.completion_tokens for r in results] == [16] * 24

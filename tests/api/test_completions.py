@@ -32,18 +32,25 @@ def test_completion_defaults_to_16_tokens_with_exact_usage(openai_client: openai
 
 
 @pytest.mark.parametrize("prompt", ["Hello", "héllo wörld, 你好 🌍 " * 5, ["Number 42 is fine."]])
-def test_prompt_tokens_match_the_tokenizer(openai_client: openai.OpenAI, tiny_tokenizer, prompt: str | list[str]
-                                           ) -> None:
-    response = openai_client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=3,
-                                                extra_body={"ignore_eos": True})
+def test_prompt_tokens_match_the_tokenizer(
+    openai_client: openai.OpenAI, tiny_tokenizer, prompt: str | list[str]
+) -> None:
+    response = openai_client.completions.create(
+        model=TINY_MODEL, prompt=prompt, max_tokens=3, extra_body={"ignore_eos": True}
+    )
     text = prompt if isinstance(prompt, str) else prompt[0]
     assert response.usage.prompt_tokens == prompt_tokens(tiny_tokenizer, text)
     assert response.usage.completion_tokens == 3
 
 
 def test_stream_text_equals_non_stream_text_at_temperature_0(openai_client: openai.OpenAI) -> None:
-    kwargs = {"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 11, "temperature": 0,
-              "extra_body": {"ignore_eos": True}}
+    kwargs = {
+        "model": TINY_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 11,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = openai_client.completions.create(**kwargs)
     chunks = list(openai_client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     text_chunks = [c for c in chunks if c.choices]
@@ -57,8 +64,11 @@ def test_stream_text_equals_non_stream_text_at_temperature_0(openai_client: open
 
 
 def test_stream_without_include_usage_has_no_usage(openai_client: openai.OpenAI) -> None:
-    chunks = list(openai_client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4, stream=True,
-                                                   extra_body={"ignore_eos": True}))
+    chunks = list(
+        openai_client.completions.create(
+            model=TINY_MODEL, prompt=PROMPT, max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert all(c.choices and c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
 

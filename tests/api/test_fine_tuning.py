@@ -213,8 +213,11 @@ def test_fine_tune_then_chat_with_the_fine_tuned_model(
     assert TINY_MODEL in [m.id for m in other.models.list()]
     assert job.fine_tuned_model not in [m.id for m in other.models.list()]
     own_file = other.files.create(file=("train.jsonl", examples(16)), purpose="fine-tune").id
-    for attempt in (lambda: other.models.retrieve(job.fine_tuned_model), lambda: chat(other, job.fine_tuned_model),
-                    lambda: other.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=own_file)):
+    for attempt in (
+        lambda: other.models.retrieve(job.fine_tuned_model),
+        lambda: chat(other, job.fine_tuned_model),
+        lambda: other.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=own_file),
+    ):
         with pytest.raises(openai.NotFoundError) as caught:
             attempt()
         assert caught.value.code == "model_not_found", caught.value

@@ -195,8 +195,13 @@ def test_an_abandoned_stream_gives_back_the_tokens_it_did_not_use(live_farm, own
     first_token, close = threading.Event(), threading.Event()
 
     def client() -> None:
-        with httpx.stream("POST", f"{live_farm.v1}/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {raw}"}, timeout=60) as streamed:
+        with httpx.stream(
+            "POST",
+            f"{live_farm.v1}/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {raw}"},
+            timeout=60,
+        ) as streamed:
             assert streamed.status_code == 200
             for line in streamed.iter_lines():
                 if '"content":"' in line and '"content":""' not in line:

@@ -83,9 +83,15 @@ def test_revoked_key_no_longer_authenticates(owner) -> None:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("expires_in", "valid"), [
-    (timedelta(minutes=-1), False), (timedelta(seconds=-0.5), False), (timedelta(minutes=5), True), (None, True),
-])
+@pytest.mark.parametrize(
+    ("expires_in", "valid"),
+    [
+        (timedelta(minutes=-1), False),
+        (timedelta(seconds=-0.5), False),
+        (timedelta(minutes=5), True),
+        (None, True),
+    ],
+)
 def test_expiry(owner, expires_in: timedelta | None, valid: bool) -> None:
     expires_at = timezone.now() + expires_in if expires_in is not None else None
     key, raw = api_key_create(owner=owner, expires_at=expires_at)
@@ -132,22 +138,43 @@ def test_async_authenticate_reads_the_database_from_the_pool(committed_user) -> 
 
 @pytest.mark.django_db
 def test_the_principal_carries_the_keys_policy(owner) -> None:
-    _, raw = api_key_create(owner=owner, allowed_models=["a", "b"], max_tokens_cap=64, rpm_limit=10, tpm_limit=1000,
-                            token_quota=50_000, quota_period="month", on_limit="wait")
+    _, raw = api_key_create(
+        owner=owner,
+        allowed_models=["a", "b"],
+        max_tokens_cap=64,
+        rpm_limit=10,
+        tpm_limit=1000,
+        token_quota=50_000,
+        quota_period="month",
+        on_limit="wait",
+    )
     principal = api_key_authenticate_sync(raw)
     assert principal is not None
-    assert principal.policy == KeyPolicy(allowed_models=frozenset({"a", "b"}), max_tokens_cap=64, rpm_limit=10,
-                                         tpm_limit=1000, token_quota=50_000, quota_period="month", on_limit="wait")
+    assert principal.policy == KeyPolicy(
+        allowed_models=frozenset({"a", "b"}),
+        max_tokens_cap=64,
+        rpm_limit=10,
+        tpm_limit=1000,
+        token_quota=50_000,
+        quota_period="month",
+        on_limit="wait",
+    )
     assert principal.policy.limited and principal.policy.allows_model("a") and not principal.policy.allows_model("c")
     unlimited = api_key_authenticate_sync(api_key_create(owner=owner)[1])
     assert unlimited is not None and not unlimited.policy.limited and unlimited.policy.allows_model("anything")
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("policy", [
-    {"allowed_models": "tiny"}, {"allowed_models": [""]}, {"rpm_limit": -1}, {"quota_period": "week"},
-    {"on_limit": "queue"},
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"allowed_models": "tiny"},
+        {"allowed_models": [""]},
+        {"rpm_limit": -1},
+        {"quota_period": "week"},
+        {"on_limit": "queue"},
+    ],
+)
 def test_an_invalid_policy_is_refused(owner, policy: dict) -> None:
     with pytest.raises(ValidationError):
         api_key_create(owner=owner, **policy)
@@ -165,12 +192,15 @@ def test_allow_list_and_max_tokens_cap_decisions() -> None:
     request = {"messages": [], "max_tokens": 10}
     assert api_key_check_request(policy=policy, model="tiny", request=request, max_tokens_param="max_tokens") == request
     # Not set by the client (None, or a family default such as completions' 16): lowered to the cap.
-    assert api_key_check_request(policy=policy, model="tiny", request={"max_tokens": None},
-                                 max_tokens_param=None) == {"max_tokens": 10}
-    assert api_key_check_request(policy=policy, model="tiny", request={"max_tokens": 16},
-                                 max_tokens_param=None) == {"max_tokens": 10}
-    assert api_key_check_request(policy=KeyPolicy(), model="any", request={"max_tokens": 10**6},
-                                 max_tokens_param="max_tokens") == {"max_tokens": 10**6}
+    assert api_key_check_request(policy=policy, model="tiny", request={"max_tokens": None}, max_tokens_param=None) == {
+        "max_tokens": 10
+    }
+    assert api_key_check_request(policy=policy, model="tiny", request={"max_tokens": 16}, max_tokens_param=None) == {
+        "max_tokens": 10
+    }
+    assert api_key_check_request(
+        policy=KeyPolicy(), model="any", request={"max_tokens": 10**6}, max_tokens_param="max_tokens"
+    ) == {"max_tokens": 10**6}
 
 
 def test_revocation_elsewhere_takes_effect_within_the_cache_lifetime(committed_user, monkeypatch) -> None:
@@ -201,14 +231,42 @@ def test_revocation_elsewhere_takes_effect_within_the_cache_lifetime(committed_u
 @pytest.mark.django_db
 def test_createapikey_with_a_policy_listapikeys_and_revokeapikey_by_user() -> None:
     out = StringIO()
-    call_command("createapikey", "--user", "cmd-user", "--name", "ci", "--models", "tiny, big", "--max-tokens", "64",
-                 "--rpm", "10", "--tpm", "1000", "--quota", "5000", "--period", "month", "--on-limit", "wait",
-                 "--expires-in-days", "1", stdout=out)
+    call_command(
+        "createapikey",
+        "--user",
+        "cmd-user",
+        "--name",
+        "ci",
+        "--models",
+        "tiny, big",
+        "--max-tokens",
+        "64",
+        "--rpm",
+        "10",
+        "--tpm",
+        "1000",
+        "--quota",
+        "5000",
+        "--period",
+        "month",
+        "--on-limit",
+        "wait",
+        "--expires-in-days",
+        "1",
+        stdout=out,
+    )
     raw = out.getvalue().strip()
     key = api_key_find(raw)
     assert key is not None and key.owner.username == "cmd-user"
-    assert (key.allowed_models, key.max_tokens_cap, key.rpm_limit, key.tpm_limit, key.token_quota, key.quota_period,
-            key.on_limit) == (["tiny", "big"], 64, 10, 1000, 5000, "month", "wait")
+    assert (
+        key.allowed_models,
+        key.max_tokens_cap,
+        key.rpm_limit,
+        key.tpm_limit,
+        key.token_quota,
+        key.quota_period,
+        key.on_limit,
+    ) == (["tiny", "big"], 64, 10, 1000, 5000, "month", "wait")
     assert key.expires_at is not None and key.expires_at > timezone.now()
     call_command("createapikey", "--user", "cmd-user", stdout=StringIO())
     listing = StringIO()
@@ -238,8 +296,15 @@ def test_another_owners_job_is_404_to_get_and_cancel_and_absent_from_the_list(ow
     spec = spec_upsert(model=model, name="idor-spec", engine="vllm-cpu")
     mine, mine_raw = api_key_create(owner=owner)
     _, theirs_raw = api_key_create(owner=django_user_model.objects.create(username="idor-other"))
-    job = job_create(owner_id=owner.pk, api_key_id=mine.pk, kind="chat.completion", model_id=model.pk,
-                     spec_id=spec.pk, request={}, deadline_at=timezone.now() + timedelta(minutes=1))
+    job = job_create(
+        owner_id=owner.pk,
+        api_key_id=mine.pk,
+        kind="chat.completion",
+        model_id=model.pk,
+        spec_id=spec.pk,
+        request={},
+        deadline_at=timezone.now() + timedelta(minutes=1),
+    )
     theirs = Client(headers={"Authorization": f"Bearer {theirs_raw}"})
     for response in (theirs.get(f"/v1/jobs/{job.pk}"), theirs.post(f"/v1/jobs/{job.pk}/cancel")):
         assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"

@@ -319,8 +319,9 @@ def test_another_users_fine_tuned_model_does_not_exist_for_a_batch(owner, live_s
     from farm.models import Model
 
     someone = get_user_model().objects.create(username="someone-else")
-    Model.objects.create(name=f"{MODEL}:ft-theirs", base=Model.objects.get(name=MODEL), adapter_file_id="f",
-                         owner=someone)
+    Model.objects.create(
+        name=f"{MODEL}:ft-theirs", base=Model.objects.get(name=MODEL), adapter_file_id="f", owner=someone
+    )
     batch = make_batch(owner, lines(1, model=f"{MODEL}:ft-theirs"))
     assert tick(batch) == BatchStatus.FAILED
     batch.refresh_from_db()

@@ -27,9 +27,17 @@ pytestmark = pytest.mark.django_db
 
 SPEC = "cluster-test-spec"
 GPU_WORKER = "cluster-test-gpu-worker"
-H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0", "memory_total_mib": 81559,
-        "memory_free_mib": 41559, "memory_used_mib": 40000, "utilization_pct": 75, "temperature_c": 60,
-        "power_w": 400.0}
+H100 = {
+    "index": 0,
+    "name": "NVIDIA H100 80GB HBM3",
+    "uuid": "GPU-0",
+    "memory_total_mib": 81559,
+    "memory_free_mib": 41559,
+    "memory_used_mib": 40000,
+    "utilization_pct": 75,
+    "temperature_c": 60,
+    "power_w": 400.0,
+}
 
 
 @pytest.fixture
@@ -45,11 +53,19 @@ def spec() -> Iterator[ModelSpec]:
 def gpu_worker() -> Iterator[Heartbeat]:
     """A registry entry as a GPU worker writes it (real heartbeat code, NVML figures of a board this host lacks)."""
     heartbeat = Heartbeat(
-        client=redis.Redis.from_url(env.REDIS_URL), worker_id=GPU_WORKER, interval_s=60, ttl_s=60,
-        describe=lambda: {"hostname": "gpu-host", "specs": [SPEC], "queues": [queues.infer_queue(SPEC)],
-                          "status": "ready", "running_jobs": [],
-                          "hardware": {"kind": "gpu", "hostname": "gpu-host", "gpus": [H100], "cpu_cores": 64},
-                          "load": {"running": 2, "capacity": 16, "tokens": 5000, "tokens_per_s": 42.5}},
+        client=redis.Redis.from_url(env.REDIS_URL),
+        worker_id=GPU_WORKER,
+        interval_s=60,
+        ttl_s=60,
+        describe=lambda: {
+            "hostname": "gpu-host",
+            "specs": [SPEC],
+            "queues": [queues.infer_queue(SPEC)],
+            "status": "ready",
+            "running_jobs": [],
+            "hardware": {"kind": "gpu", "hostname": "gpu-host", "gpus": [H100], "cpu_cores": 64},
+            "load": {"running": 2, "capacity": 16, "tokens": 5000, "tokens_per_s": 42.5},
+        },
     )
     heartbeat.beat()
     yield heartbeat
@@ -58,9 +74,15 @@ def gpu_worker() -> Iterator[Heartbeat]:
 
 def queued_job(spec: ModelSpec, *, age_s: float) -> Job:
     owner = get_user_model().objects.get_or_create(username="cluster-owner")[0]
-    job = job_create(owner_id=owner.pk, api_key_id=None, kind=JobKind.CHAT, model_id=spec.model_id, spec_id=spec.pk,
-                     request={"messages": [{"role": "user", "content": "hi"}]},
-                     deadline_at=timezone.now() + timedelta(minutes=5))
+    job = job_create(
+        owner_id=owner.pk,
+        api_key_id=None,
+        kind=JobKind.CHAT,
+        model_id=spec.model_id,
+        spec_id=spec.pk,
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline_at=timezone.now() + timedelta(minutes=5),
+    )
     job_dispatch(job_id=str(job.pk))
     Job.objects.filter(pk=job.pk).update(dispatched_at=timezone.now() - timedelta(seconds=age_s))
     return job

@@ -30,15 +30,22 @@ def job(monkeypatch) -> Iterator[Job]:
     owner = get_user_model().objects.create(username="stream-owner")
     model = model_upsert(name="streams-test-model")
     spec = spec_upsert(model=model, name="streams-test-spec", engine="vllm-cpu")
-    job = job_create(owner_id=owner.pk, api_key_id=None, kind=JobKind.CHAT, model_id=model.pk, spec_id=spec.pk,
-                     request={"messages": [{"role": "user", "content": "hi"}]},
-                     deadline_at=timezone.now() + timedelta(minutes=1))
+    job = job_create(
+        owner_id=owner.pk,
+        api_key_id=None,
+        kind=JobKind.CHAT,
+        model_id=model.pk,
+        spec_id=spec.pk,
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline_at=timezone.now() + timedelta(minutes=1),
+    )
     yield job
     sync_redis().delete(redis_keys.job_stream(str(job.pk)))
 
 
 def read(job: Job, *, after_first: Callable[[], None] | None = None, timeout_s: float = 10) -> list:
     """Every event the reader yields; `after_first` runs once the first event is out (the 'restart')."""
+
     async def collect() -> list:
         events = []
         async for event in job_stream_events(str(job.pk), deadline=time.time() + timeout_s):
@@ -66,8 +73,11 @@ def test_the_rest_of_the_text_comes_from_the_row(job: Job) -> None:
 
     events = read(job, after_first=lambda: lose_stream(job))
 
-    assert events == [Delta(text="Hel", tokens=1), Delta(text="lo", tokens=0),
-                      End(finish_reason="length", prompt_tokens=5, completion_tokens=4)]
+    assert events == [
+        Delta(text="Hel", tokens=1),
+        Delta(text="lo", tokens=0),
+        End(finish_reason="length", prompt_tokens=5, completion_tokens=4),
+    ]
 
 
 def test_text_of_another_attempt_is_restarted(job: Job) -> None:
@@ -76,18 +86,26 @@ def test_text_of_another_attempt_is_restarted(job: Job) -> None:
 
     events = read(job, after_first=lambda: lose_stream(job))
 
-    assert events == [Delta(text="Bye", tokens=1), Restart(attempt=0), Delta(text="Hello", tokens=0),
-                      End(finish_reason="stop", prompt_tokens=5, completion_tokens=4)]
+    assert events == [
+        Delta(text="Bye", tokens=1),
+        Restart(attempt=0),
+        Delta(text="Hello", tokens=0),
+        End(finish_reason="stop", prompt_tokens=5, completion_tokens=4),
+    ]
 
 
-@pytest.mark.parametrize(("kind", "detail", "expected"), [
-    ("canceled", {}, (409, "canceled")),
-    ("timed_out", {"error": {"code": "deadline_exceeded", "message": "late"}}, (504, "deadline_exceeded")),
-    ("failed", {"error": {"code": "engine_error", "message": "boom", "retry": False}}, (503, "engine_error")),
-    ("failed", {"error": {"code": "invalid_value", "message": "bad", "retry": False}}, (400, "invalid_value")),
-])
-def test_a_job_that_ended_otherwise_ends_with_its_failure(job: Job, kind: str, detail: dict,
-                                                          expected: tuple[int, str]) -> None:
+@pytest.mark.parametrize(
+    ("kind", "detail", "expected"),
+    [
+        ("canceled", {}, (409, "canceled")),
+        ("timed_out", {"error": {"code": "deadline_exceeded", "message": "late"}}, (504, "deadline_exceeded")),
+        ("failed", {"error": {"code": "engine_error", "message": "boom", "retry": False}}, (503, "engine_error")),
+        ("failed", {"error": {"code": "invalid_value", "message": "bad", "retry": False}}, (400, "invalid_value")),
+    ],
+)
+def test_a_job_that_ended_otherwise_ends_with_its_failure(
+    job: Job, kind: str, detail: dict, expected: tuple[int, str]
+) -> None:
     if kind == "canceled":
         from farm.jobs import job_cancel
 

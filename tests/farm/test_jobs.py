@@ -36,9 +36,15 @@ def job() -> Iterator[Job]:
     model = model_upsert(name="jobs-test-model")
     spec = spec_upsert(model=model, name=SPEC, engine="vllm-cpu")
     sync_redis().delete(queues.infer_queue(SPEC))
-    job = job_create(owner_id=owner.pk, api_key_id=None, kind=JobKind.CHAT, model_id=model.pk, spec_id=spec.pk,
-                     request={"messages": [{"role": "user", "content": "hi"}]},
-                     deadline_at=timezone.now() + timedelta(minutes=1))
+    job = job_create(
+        owner_id=owner.pk,
+        api_key_id=None,
+        kind=JobKind.CHAT,
+        model_id=model.pk,
+        spec_id=spec.pk,
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline_at=timezone.now() + timedelta(minutes=1),
+    )
     yield job
     job_id = str(job.pk)
     sync_redis().delete(queues.infer_queue(SPEC), redis_keys.job_stream(job_id), redis_keys.job_cancel(job_id))
@@ -145,13 +151,16 @@ def test_late_running_after_the_end_does_not_reopen_the_job(job: Job) -> None:
 
 
 @pytest.mark.parametrize("terminal", TERMINAL_STATUSES)
-@pytest.mark.parametrize(("kind", "detail"), [
-    *[(status, {"error": {"code": "second"}, "result": RESULT}) for status in TERMINAL_STATUSES],
-    (JobStatus.RUNNING, {}),
-    (JobStatus.QUEUED, {}),
-    ("requeue", {"reason": "worker draining"}),
-    (JobStatus.FAILED, {"error": RETRYABLE}),
-])
+@pytest.mark.parametrize(
+    ("kind", "detail"),
+    [
+        *[(status, {"error": {"code": "second"}, "result": RESULT}) for status in TERMINAL_STATUSES],
+        (JobStatus.RUNNING, {}),
+        (JobStatus.QUEUED, {}),
+        ("requeue", {"reason": "worker draining"}),
+        (JobStatus.FAILED, {"error": RETRYABLE}),
+    ],
+)
 def test_terminal_states_are_never_left(job: Job, terminal: str, kind: str, detail: dict[str, Any]) -> None:
     assert apply(job, JobStatus.RUNNING)
     assert apply(job, terminal, error={"code": "first"}, usage=USAGE)
@@ -203,12 +212,19 @@ def test_events_for_a_missing_job_are_ignored(job: Job) -> None:
 # Retries -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "detail", "backoff"), [
-    pytest.param(JobStatus.FAILED, {"error": RETRYABLE, "usage": USAGE}, True, id="retryable-failure"),
-    pytest.param("requeue", {"reason": "worker shutting down"}, False, id="hand-back"),
-])
+@pytest.mark.parametrize(
+    ("kind", "detail", "backoff"),
+    [
+        pytest.param(JobStatus.FAILED, {"error": RETRYABLE, "usage": USAGE}, True, id="retryable-failure"),
+        pytest.param("requeue", {"reason": "worker shutting down"}, False, id="hand-back"),
+    ],
+)
 def test_a_retry_requeues_the_next_attempt_and_publishes_it_after_commit(
-    job: Job, django_capture_on_commit_callbacks, kind: str, detail: dict[str, Any], backoff: bool,
+    job: Job,
+    django_capture_on_commit_callbacks,
+    kind: str,
+    detail: dict[str, Any],
+    backoff: bool,
 ) -> None:
     assert apply(job, JobStatus.RUNNING)
     with django_capture_on_commit_callbacks(execute=True):
@@ -244,8 +260,9 @@ def test_retries_stop_at_max_attempts_with_a_final_failure(job: Job, django_capt
 
 
 @pytest.mark.parametrize("started", [False, True])
-def test_cancel_ends_an_active_job_and_signals_workers(job: Job, django_capture_on_commit_callbacks,
-                                                      started: bool) -> None:
+def test_cancel_ends_an_active_job_and_signals_workers(
+    job: Job, django_capture_on_commit_callbacks, started: bool
+) -> None:
     if started:
         assert apply(job, JobStatus.RUNNING)
     with django_capture_on_commit_callbacks(execute=True):
@@ -301,13 +318,16 @@ def test_coalesced_events_apply_in_order_in_one_message(job: Job, django_capture
     retried: list[dict[str, Any]] = []
     broken = {**base, "kind": JobStatus.RUNNING, "unexpected": "field"}  # job_apply_event raises TypeError
     with django_capture_on_commit_callbacks(execute=True):
-        moved = job_apply_events(events=[
-            {**base, "kind": JobStatus.RUNNING, "detail": {}},
-            broken,
-            {**base, "kind": "progress", "detail": {"step": 1}},
-            {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},
-            {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},  # a duplicate
-        ], apply_alone=retried.append)
+        moved = job_apply_events(
+            events=[
+                {**base, "kind": JobStatus.RUNNING, "detail": {}},
+                broken,
+                {**base, "kind": "progress", "detail": {"step": 1}},
+                {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},
+                {**base, "kind": JobStatus.SUCCEEDED, "detail": {"result": RESULT, "usage": USAGE}},  # a duplicate
+            ],
+            apply_alone=retried.append,
+        )
     assert moved == 3
     assert retried == [broken]  # handed on alone; the others landed
     job.refresh_from_db()

@@ -31,8 +31,9 @@ class Valkey:
         self._restarting: threading.Thread | None = None
 
     def _start(self):
-        return start_embedded_redis(port=self.port, data_dir=self.data_dir, log_file=self.data_dir / "redis.log",
-                                    persistent=False)
+        return start_embedded_redis(
+            port=self.port, data_dir=self.data_dir, log_file=self.data_dir / "redis.log", persistent=False
+        )
 
     def stop(self) -> None:
         if self._restarting is not None:  # a delayed restart still to come: stop the server it starts
@@ -70,8 +71,9 @@ def test_async_client_reconnects_its_whole_pool_after_a_restart(valkey: Valkey) 
         await asyncio.gather(*(client.xadd("s", {"n": i}) for i in range(CONCURRENCY)))  # fills the pool
         assert len(client.connection_pool._available_connections) == CONCURRENCY
         valkey.restart()
-        results = await asyncio.gather(*(client.xadd("s", {"n": i}) for i in range(CONCURRENCY)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(client.xadd("s", {"n": i}) for i in range(CONCURRENCY)), return_exceptions=True
+        )
         results.append(await client.xlen("s"))
         await client.aclose()
         return results

@@ -66,8 +66,13 @@ QUARANTINE_AFTER = 5  # the workers' default (FARM_QUARANTINE_AFTER)
 FAULT_ENGINE_ARGS = {**TINY_ENGINE_ARGS, "max_model_len": 2048}
 LONG = 1900
 FAULT_ENV = {
-    "FARM_JOB_LEASE_S": str(LEASE_S), "FARM_REAP_EVERY_S": "1", "FARM_SWEEP_AFTER_S": "5", "FARM_HEARTBEAT_S": "1",
-    "FARM_WORKER_TTL_S": "4", "FARM_SHUTDOWN_GRACE_S": str(GRACE_S), "FARM_WORKER_CONCURRENCY": str(SLOTS_PER_WORKER),
+    "FARM_JOB_LEASE_S": str(LEASE_S),
+    "FARM_REAP_EVERY_S": "1",
+    "FARM_SWEEP_AFTER_S": "5",
+    "FARM_HEARTBEAT_S": "1",
+    "FARM_WORKER_TTL_S": "4",
+    "FARM_SHUTDOWN_GRACE_S": str(GRACE_S),
+    "FARM_WORKER_CONCURRENCY": str(SLOTS_PER_WORKER),
     # Two or three workers share this machine with other test runs: a small KV cache is plenty for the tiny model.
     "FARM_CPU_KVCACHE_GIB": "1",
 }
@@ -116,8 +121,9 @@ class FaultFarm:
         from farm import stream_format
 
         last = self.redis.xrevrange(redis_keys.job_stream(job_id), count=1)
-        return bool(last) and isinstance(stream_format.decode(last[0][1][stream_format.FIELD.encode()]),
-                                         stream_format.End | stream_format.Failure)
+        return bool(last) and isinstance(
+            stream_format.decode(last[0][1][stream_format.FIELD.encode()]), stream_format.End | stream_format.Failure
+        )
 
     def valkey_state(self) -> str:
         try:
@@ -135,13 +141,23 @@ class FaultFarm:
         return {"Authorization": f"Bearer {api_key or self.api_key}"}
 
     def chat_body(self, content: str, *, max_tokens: int, **extra: Any) -> dict[str, Any]:
-        return {"model": FAULT_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                "ignore_eos": True, **extra}
+        return {
+            "model": FAULT_MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            **extra,
+        }
 
-    def chat(self, content: str, *, max_tokens: int, http_timeout: float = 300, base_url: str | None = None,
-             **extra: Any) -> httpx.Response:
-        return httpx.post(f"{base_url or self.base_url}/v1/chat/completions", headers=self.headers(),
-                          json=self.chat_body(content, max_tokens=max_tokens, **extra), timeout=http_timeout)
+    def chat(
+        self, content: str, *, max_tokens: int, http_timeout: float = 300, base_url: str | None = None, **extra: Any
+    ) -> httpx.Response:
+        return httpx.post(
+            f"{base_url or self.base_url}/v1/chat/completions",
+            headers=self.headers(),
+            json=self.chat_body(content, max_tokens=max_tokens, **extra),
+            timeout=http_timeout,
+        )
 
     def submit(self, content: str, **kwargs: Any) -> Future[httpx.Response]:
         """A non-streaming request on a background thread."""
@@ -165,9 +181,13 @@ class FaultFarm:
         A worker's heartbeat says `ready` once its engine is loaded, a few seconds before its Celery consumer takes
         messages: scenarios that count busy slots need the consumer."""
         entries = self.registry()
-        return [name for name in self.worker_names()
-                if entries.get(name, {}).get("status") == "ready" and FAULT_SPEC in entries[name].get("specs", ())
-                and any(f"{name}@" in line and line.endswith(" ready.") for line in self.log_lines(name))]
+        return [
+            name
+            for name in self.worker_names()
+            if entries.get(name, {}).get("status") == "ready"
+            and FAULT_SPEC in entries[name].get("specs", ())
+            and any(f"{name}@" in line and line.endswith(" ready.") for line in self.log_lines(name))
+        ]
 
     def start_workers(self, count: int) -> list[str]:
         names = []
@@ -179,8 +199,12 @@ class FaultFarm:
         return names
 
     def wait_serving(self, names: list[str], timeout: float = 300) -> None:
-        wait_for(lambda: set(names) <= set(self.serving()), timeout=timeout, farm=self.processes,
-                 what=f"workers {names} to serve {FAULT_SPEC}")
+        wait_for(
+            lambda: set(names) <= set(self.serving()),
+            timeout=timeout,
+            farm=self.processes,
+            what=f"workers {names} to serve {FAULT_SPEC}",
+        )
 
     def ensure_workers(self, *, at_least: int, at_most: int | None = None) -> list[str]:
         """Starts workers (or stops spare ones) until `at_least`..`at_most` serve; returns those that serve."""
@@ -226,8 +250,9 @@ class FaultFarm:
         stopped_at = time.monotonic()
         self.valkey.terminate()
         self.valkey.wait(timeout=30)
-        self.valkey = start_embedded_redis(port=self.redis_port, data_dir=self.redis_dir,
-                                           log_file=self.redis_dir / "redis.log", persistent=False)
+        self.valkey = start_embedded_redis(
+            port=self.redis_port, data_dir=self.redis_dir, log_file=self.redis_dir / "redis.log", persistent=False
+        )
         return time.monotonic() - stopped_at
 
     # --- database -----------------------------------------------------------------------------------------------
@@ -268,8 +293,11 @@ class FaultFarm:
     def wait_canceled_usage(self, job_id: str, *, timeout: float = 15) -> tuple[list[Any], Any]:
         """The events and row of a canceled job once its worker's usage report (tokens used before the abort) was
         applied."""
-        wait_for(lambda: any(event.kind == "usage" for event in self.events(job_id)), timeout=timeout,
-                 what=f"the usage report of canceled job {job_id}")
+        wait_for(
+            lambda: any(event.kind == "usage" for event in self.events(job_id)),
+            timeout=timeout,
+            what=f"the usage report of canceled job {job_id}",
+        )
         return self.events(job_id), self.job(job_id)
 
     def wait_terminal(self, job_ids: list[str], *, timeout: float) -> dict[str, Any]:
@@ -283,8 +311,11 @@ class FaultFarm:
         try:
             wait_for(check, timeout=timeout, farm=self.processes, what=f"{len(job_ids)} job(s) to end")
         except TimeoutError:
-            stuck = {job_id: (job.status, job.attempt, job.worker_id) for job_id, job in rows.items()
-                     if job.status not in TERMINAL}
+            stuck = {
+                job_id: (job.status, job.attempt, job.worker_id)
+                for job_id, job in rows.items()
+                if job.status not in TERMINAL
+            }
             raise AssertionError(f"jobs still active after {timeout}s: {stuck}") from None
         return rows
 
@@ -314,25 +345,44 @@ def fault_farm(django_db_setup, django_db_blocker, tiny_model_dir: Path, tmp_pat
     home = tmp_path_factory.mktemp("fault-farm")
     (home / "logs").mkdir()
     redis_port = free_port()
-    valkey = start_embedded_redis(port=redis_port, data_dir=home / "redis", log_file=home / "redis" / "redis.log",
-                                  persistent=False)
+    valkey = start_embedded_redis(
+        port=redis_port, data_dir=home / "redis", log_file=home / "redis" / "redis.log", persistent=False
+    )
     suffix = uuid.uuid4().hex[:8]
     with django_db_blocker.unblock():
-        catalog_load({"models": [{"name": FAULT_MODEL, "source": str(tiny_model_dir), "engine_args": FAULT_ENGINE_ARGS,
-                                  "specs": [{"name": FAULT_SPEC, "engine": "vllm-cpu"}]}]})
+        catalog_load(
+            {
+                "models": [
+                    {
+                        "name": FAULT_MODEL,
+                        "source": str(tiny_model_dir),
+                        "engine_args": FAULT_ENGINE_ARGS,
+                        "specs": [{"name": FAULT_SPEC, "engine": "vllm-cpu"}],
+                    }
+                ]
+            }
+        )
         users = get_user_model().objects
         owner, other = users.create(username=f"faults-{suffix}"), users.create(username=f"faults-other-{suffix}")
         _, api_key = api_key_create(owner=owner, name="faults")
         _, other_api_key = api_key_create(owner=other, name="faults")
         database_url = database_url_for_children()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {**child_env(database_url=database_url, model_dir=tiny_model_dir.parent), **FAULT_ENV,
-           "REDIS_URL": redis_url}
+    env = {**child_env(database_url=database_url, model_dir=tiny_model_dir.parent), **FAULT_ENV, "REDIS_URL": redis_url}
     farm_processes = FarmProcesses(env=env, log_dir=home / "logs")
     api_port = free_port()
-    farm = FaultFarm(processes=farm_processes, base_url=f"http://127.0.0.1:{api_port}", api_key=api_key,
-                     other_api_key=other_api_key, owner_ids=(owner.pk, other.pk), redis_url=redis_url,
-                     redis_port=redis_port, redis_dir=home / "redis", valkey=valkey, db=django_db_blocker)
+    farm = FaultFarm(
+        processes=farm_processes,
+        base_url=f"http://127.0.0.1:{api_port}",
+        api_key=api_key,
+        other_api_key=other_api_key,
+        owner_ids=(owner.pk, other.pk),
+        redis_url=redis_url,
+        redis_port=redis_port,
+        redis_dir=home / "redis",
+        valkey=valkey,
+        db=django_db_blocker,
+    )
     started = time.monotonic()
     try:
         farm_processes.start("control", processes.control_worker_command(beat_schedule=str(home / "beat-schedule")))
@@ -357,6 +407,7 @@ def fault_farm(django_db_setup, django_db_blocker, tiny_model_dir: Path, tmp_pat
 
 
 # --- helpers for assertions --------------------------------------------------------------------------------------
+
 
 def kinds(events: list[Any]) -> list[tuple[str, int]]:
     return [(event.kind, event.attempt) for event in events]
@@ -407,9 +458,15 @@ class StreamReader:
 
     def _read(self) -> None:
         body = self._farm.chat_body(self._content, max_tokens=self._max_tokens, stream=True)
-        with httpx.Client(timeout=120) as client, client.stream(
-                "POST", f"{self._farm.base_url}/v1/chat/completions", headers=self._farm.headers(), json=body,
-        ) as response:
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream(
+                "POST",
+                f"{self._farm.base_url}/v1/chat/completions",
+                headers=self._farm.headers(),
+                json=body,
+            ) as response,
+        ):
             self.status = response.status_code
             for line in response.iter_lines():
                 if not line.startswith("data: "):
@@ -428,8 +485,9 @@ class StreamReader:
         return next(p["id"] for p in self.payloads if isinstance(p, dict) and "id" in p).removeprefix("chatcmpl-")
 
 
-def stream_in_flight(fault_farm: FaultFarm, engines: PausedEngines, scenario: str, *,
-                     close_after_first: bool = False) -> tuple[StreamReader, str]:
+def stream_in_flight(
+    fault_farm: FaultFarm, engines: PausedEngines, scenario: str, *, close_after_first: bool = False
+) -> tuple[StreamReader, str]:
     """A streamed LONG request whose job is `running` with its first tokens out, the engines (paused before the
     request by the caller) paused again. Two CI runs saw such a job run to its end although the engines were paused
     and stepped, on a worker started a second before: the engine had made the tokens in its steps, and the worker,
@@ -441,8 +499,11 @@ def stream_in_flight(fault_farm: FaultFarm, engines: PausedEngines, scenario: st
         stream = StreamReader(fault_farm, content, max_tokens=LONG, close_after_first=close_after_first)
         job_id = str(fault_farm.job_of(content).pk)
         fault_farm.wait_job(content, lambda job: job.status != "queued", timeout=30, what="running")
-        engines.run_until(lambda: fault_farm.generating(job_id), timeout=60,  # noqa: B023 (called at once)
-                          what="the first tokens")
+        engines.run_until(
+            lambda: fault_farm.generating(job_id),  # noqa: B023 (called at once)
+            timeout=60,
+            what="the first tokens",
+        )
         time.sleep(0.5)  # paused: nothing may move now; an ended job's events land meanwhile
         if fault_farm.job(job_id).status == "running" and not fault_farm.stream_ended(job_id):
             return stream, job_id
@@ -455,6 +516,7 @@ def stream_in_flight(fault_farm: FaultFarm, engines: PausedEngines, scenario: st
 
 # --- scenarios, in file order ------------------------------------------------------------------------------------
 
+
 def test_duplicate_delivery_runs_the_job_once(fault_farm: FaultFarm) -> None:
     """The broker delivers a job's message twice: one worker claims the attempt, the other ignores its copy."""
     from farm.celery_app import create_celery_app
@@ -466,9 +528,18 @@ def test_duplicate_delivery_runs_the_job_once(fault_farm: FaultFarm) -> None:
 
     app = create_celery_app(broker_url=fault_farm.redis_url, main="fault-test")
     try:
-        app.send_task(queues.INFER_TASK.name, queue=queues.infer_queue(job.spec.name), kwargs={
-            "job_id": str(job.pk), "attempt": job.attempt, "spec": job.spec.name, "kind": job.kind,
-            "request": job.request, "deadline": job.deadline_at.timestamp()})
+        app.send_task(
+            queues.INFER_TASK.name,
+            queue=queues.infer_queue(job.spec.name),
+            kwargs={
+                "job_id": str(job.pk),
+                "attempt": job.attempt,
+                "spec": job.spec.name,
+                "kind": job.kind,
+                "request": job.request,
+                "deadline": job.deadline_at.timestamp(),
+            },
+        )
     finally:
         app.close()
 
@@ -564,8 +635,9 @@ def test_cancel_a_finished_job_is_409_and_another_keys_job_404(fault_farm: Fault
 
     assert_openai_error(fault_farm.cancel(job_id), 409, code="job_already_finished", type="conflict_error")
     assert_openai_error(fault_farm.cancel(job_id, api_key=fault_farm.other_api_key), 404, code="job_not_found")
-    foreign_get = httpx.get(f"{fault_farm.base_url}/v1/jobs/{job_id}",
-                            headers=fault_farm.headers(fault_farm.other_api_key), timeout=30)
+    foreign_get = httpx.get(
+        f"{fault_farm.base_url}/v1/jobs/{job_id}", headers=fault_farm.headers(fault_farm.other_api_key), timeout=30
+    )
     assert_openai_error(foreign_get, 404, code="job_not_found")
     assert_openai_error(fault_farm.cancel(str(uuid.uuid4())), 404, code="job_not_found")
 
@@ -582,8 +654,9 @@ def test_cancel_a_queued_job_never_runs_it(fault_farm: FaultFarm) -> None:
     # Engines paused before the requests: the jobs that fill every slot stay `running` and cannot finish.
     with fault_farm.engines_paused():
         busy_responses = [fault_farm.submit(c, max_tokens=LONG) for c in busy]
-        busy_ids = [str(fault_farm.wait_job(c, lambda j: j.status == "running", timeout=60, what="running").pk)
-                    for c in busy]
+        busy_ids = [
+            str(fault_farm.wait_job(c, lambda j: j.status == "running", timeout=60, what="running").pk) for c in busy
+        ]
         queued_response = fault_farm.submit(content, max_tokens=LONG)
         job_id = str(fault_farm.job_of(content).pk)
         time.sleep(0.5)  # every slot is busy: nobody takes it
@@ -642,8 +715,9 @@ def test_redis_restart_without_persistence_loses_no_job(fault_farm: FaultFarm) -
     queued = [marker(f"redis-queued-{i}") for i in range(2)]
     responses = {c: fault_farm.submit(c, max_tokens=max_tokens) for c in running}
     # Started (the tiny model may already have finished one of them: the restart then finds it ended, as it may)
-    running_ids = [str(fault_farm.wait_job(c, lambda j: j.status != "queued", timeout=60, what="started").pk)
-                   for c in running]
+    running_ids = [
+        str(fault_farm.wait_job(c, lambda j: j.status != "queued", timeout=60, what="started").pk) for c in running
+    ]
     responses |= {c: fault_farm.submit(c, max_tokens=max_tokens) for c in queued}
     queued_ids = [str(fault_farm.job_of(c).pk) for c in queued]
     before = [fault_farm.job(job_id).status for job_id in running_ids + queued_ids]
@@ -657,8 +731,10 @@ def test_redis_restart_without_persistence_loses_no_job(fault_farm: FaultFarm) -
     rows = fault_farm.wait_terminal(job_ids, timeout=90)
     TIMINGS["Redis restart -> all jobs ended, s"] = time.monotonic() - restarted
     statuses = {c: responses[c].result(timeout=120).status_code for c in running + queued}
-    print(f"\nredis restart: before {before}; after {[(rows[j].status, rows[j].attempt) for j in job_ids]}; "
-          f"clients {sorted(statuses.values())}")
+    print(
+        f"\nredis restart: before {before}; after {[(rows[j].status, rows[j].attempt) for j in job_ids]}; "
+        f"clients {sorted(statuses.values())}"
+    )
     for job_id in job_ids:
         job = rows[job_id]
         assert job.status == "succeeded", (job_id, job.status, job.error, kinds(fault_farm.events(job_id)))
@@ -749,8 +825,10 @@ def test_sigterm_drains_and_hands_the_job_back(fault_farm: FaultFarm) -> None:
         TIMINGS["SIGTERM -> job handed back (requeued), s"] = events[1].at.timestamp() - signaled_at
         assert events[1].at.timestamp() - signaled_at <= GRACE_S + 5
     assert_full_completion(response.result(timeout=60), LONG)
-    print(f"\nsigterm: {victim} exited {TIMINGS['SIGTERM -> worker exit, s']:.1f}s after SIGTERM; "
-          f"job ended on attempt {job.attempt} ({job.worker_id})")
+    print(
+        f"\nsigterm: {victim} exited {TIMINGS['SIGTERM -> worker exit, s']:.1f}s after SIGTERM; "
+        f"job ended on attempt {job.attempt} ({job.worker_id})"
+    )
     assert victim not in fault_farm.registry()  # it left the registry on its way out
     fault_farm.wait_idle()
     fault_farm.start_workers(1)  # loads while the next scenario runs: the quarantine one needs two
@@ -831,8 +909,9 @@ def test_database_outage_is_a_503_and_recovers(fault_farm: FaultFarm) -> None:
     proxied_url = urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}"))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    fault_farm.processes.start("api-proxied", processes.api_command(host="127.0.0.1", port=port),
-                               DATABASE_URL=proxied_url)
+    fault_farm.processes.start(
+        "api-proxied", processes.api_command(host="127.0.0.1", port=port), DATABASE_URL=proxied_url
+    )
     try:
         wait_for(lambda: http_ok(f"{base_url}/readyz"), timeout=60, farm=fault_farm.processes, what="the 2nd API")
         assert_full_completion(fault_farm.chat(marker("db-before"), max_tokens=5, base_url=base_url), 5)
@@ -867,8 +946,11 @@ def test_database_outage_is_a_503_and_recovers(fault_farm: FaultFarm) -> None:
 def test_a_worker_whose_engine_died_is_quarantined_and_its_jobs_retried(fault_farm: FaultFarm) -> None:
     serving = fault_farm.ensure_workers(at_least=2)
     broken, healthy = serving[0], serving[1:]
-    engine_cores = [p for p in fault_farm.processes.descendants(broken)
-                    if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    engine_cores = [
+        p
+        for p in fault_farm.processes.descendants(broken)
+        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+    ]
     assert len(engine_cores) == 1, [(p.pid, p.name()) for p in fault_farm.processes.descendants(broken)]
     engine_cores[0].kill()
     engine_cores[0].wait(timeout=10)
@@ -878,8 +960,11 @@ def test_a_worker_whose_engine_died_is_quarantined_and_its_jobs_retried(fault_fa
     # and finish the jobs before the broken one has failed enough of them to stop.
     with fault_farm.engines_paused([name for name in fault_farm.worker_names() if name != broken]):
         responses = [fault_farm.submit(content, max_tokens=32) for content in contents]
-        wait_for(lambda: fault_farm.registry().get(broken, {}).get("status") == "quarantined", timeout=60,
-                 what=f"{broken} to report itself quarantined")
+        wait_for(
+            lambda: fault_farm.registry().get(broken, {}).get("status") == "quarantined",
+            timeout=60,
+            what=f"{broken} to report itself quarantined",
+        )
     for response in responses:
         assert_full_completion(response.result(timeout=240), 32)
     job_ids = [str(fault_farm.job_of(content).pk) for content in contents]

@@ -13,10 +13,25 @@ from farm.routing import BackoffPolicy, SpecState, model_overloaded, route_reque
 DRAWS = 20_000
 
 
-def spec(name: str, *, weight: int = 100, live: int = 1, running: int = 0, capacity: int = 0, cold: int = 0,
-         backoff_until: float = 0.0) -> SpecState:
-    return SpecState(name=name, weight=weight, live_replicas=live, running=running, capacity=capacity,
-                     cold_replicas=cold, backoff_until=backoff_until)
+def spec(
+    name: str,
+    *,
+    weight: int = 100,
+    live: int = 1,
+    running: int = 0,
+    capacity: int = 0,
+    cold: int = 0,
+    backoff_until: float = 0.0,
+) -> SpecState:
+    return SpecState(
+        name=name,
+        weight=weight,
+        live_replicas=live,
+        running=running,
+        capacity=capacity,
+        cold_replicas=cold,
+        backoff_until=backoff_until,
+    )
 
 
 def draw(specs: list[SpecState], n: int = DRAWS, seed: int = 7) -> Counter[str]:
@@ -239,15 +254,26 @@ def test_backoff_lets_every_spec_be_tried_before_it_grows_long() -> None:
     [
         pytest.param([spec("a", live=0, cold=1)], {"a"}, id="only-cold-is-loaded-on-demand"),
         pytest.param([spec("a", live=1), spec("b", live=0, cold=3)], {"a"}, id="a-loaded-spec-beats-a-cold-start"),
-        pytest.param([spec("a", live=1, backoff_until=NOW + 60), spec("b", live=0, cold=1)], {"a"},
-                     id="even-backed-off-a-loaded-spec-beats-a-cold-start"),
-        pytest.param([spec("a", live=0, cold=1, backoff_until=NOW + 60), spec("b", weight=1, live=0, cold=1)], {"b"},
-                     id="a-cold-spec-that-failed-to-load-is-backed-off"),
-        pytest.param([spec("a", live=0, cold=1, backoff_until=NOW + 60), spec("b", live=0, cold=1,
-                                                                          backoff_until=NOW + 30)], {"b"},
-                     id="all-cold-backed-off-the-first-to-end"),
-        pytest.param([spec("a", weight=0, live=0, cold=1), spec("b", live=0, cold=1)], {"b"},
-                     id="weighted-cold-before-standby-cold"),
+        pytest.param(
+            [spec("a", live=1, backoff_until=NOW + 60), spec("b", live=0, cold=1)],
+            {"a"},
+            id="even-backed-off-a-loaded-spec-beats-a-cold-start",
+        ),
+        pytest.param(
+            [spec("a", live=0, cold=1, backoff_until=NOW + 60), spec("b", weight=1, live=0, cold=1)],
+            {"b"},
+            id="a-cold-spec-that-failed-to-load-is-backed-off",
+        ),
+        pytest.param(
+            [spec("a", live=0, cold=1, backoff_until=NOW + 60), spec("b", live=0, cold=1, backoff_until=NOW + 30)],
+            {"b"},
+            id="all-cold-backed-off-the-first-to-end",
+        ),
+        pytest.param(
+            [spec("a", weight=0, live=0, cold=1), spec("b", live=0, cold=1)],
+            {"b"},
+            id="weighted-cold-before-standby-cold",
+        ),
         pytest.param([spec("a", live=0, cold=0), spec("b", live=0, cold=0)], set(), id="nobody-can-load-it"),
     ],
 )

@@ -137,8 +137,15 @@ def test_failed_keyless_and_training_jobs_count_nothing(catalog, key) -> None:
 
 def usage_event(job_id: str, prompt: int, completion: int, *, attempt: int = 1) -> bool:
     """What a worker sends after aborting a canceled attempt (`gpu_workers.runtime`)."""
-    return job_apply_event(job_id=job_id, attempt=attempt, kind="usage", worker_id="w1", detail={
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+    return job_apply_event(
+        job_id=job_id,
+        attempt=attempt,
+        kind="usage",
+        worker_id="w1",
+        detail={
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        },
+    )
 
 
 @pytest.mark.django_db
@@ -154,10 +161,11 @@ def test_a_canceled_job_counts_the_tokens_its_worker_used_once(catalog, key) -> 
     before_start = new_job(api_key, model, spec)
     job_cancel(job_id=before_start, owner_id=api_key.owner_id)  # never ran: no report, nothing counted
     job = Job.objects.get(pk=running)
-    assert (job.status, job.usage) == (JobStatus.CANCELED, {"prompt_tokens": 9, "completion_tokens": 3,
-                                                            "total_tokens": 12})
-    assert [(e.kind, e.attempt) for e in job.events.order_by("pk")] == [("running", 1), ("canceled", 0),
-                                                                         ("usage", 1)]
+    assert (job.status, job.usage) == (
+        JobStatus.CANCELED,
+        {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    )
+    assert [(e.kind, e.attempt) for e in job.events.order_by("pk")] == [("running", 1), ("canceled", 0), ("usage", 1)]
     assert [(r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in rows(api_key)] == [(1, 9, 3)]
 
 

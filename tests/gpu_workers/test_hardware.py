@@ -25,12 +25,22 @@ class RecordedNvml:
 
     def __init__(self) -> None:
         self.boards: list[dict[str, Any]] = [
-            {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0b9a4c1e-2f7d-4c55-9a1c-3e2d1f0a9b8c",
-             "memory": pynvml.c_nvmlMemory_t(total=80 * GIB + 123, free=60 * GIB, used=20 * GIB + 123),
-             "utilization": SimpleNamespace(gpu=37, memory=12), "temperature": 41, "power_mw": 123_456},
-            {"name": b"Tesla T4", "uuid": b"GPU-7f3e2d1c-0b9a-4c55-8e7d-6c5b4a392817",
-             "memory": pynvml.c_nvmlMemory_t(total=15 * GIB + 360 * MIB, free=15 * GIB, used=360 * MIB),
-             "utilization": None, "temperature": 30, "power_mw": None},
+            {
+                "name": "NVIDIA H100 80GB HBM3",
+                "uuid": "GPU-0b9a4c1e-2f7d-4c55-9a1c-3e2d1f0a9b8c",
+                "memory": pynvml.c_nvmlMemory_t(total=80 * GIB + 123, free=60 * GIB, used=20 * GIB + 123),
+                "utilization": SimpleNamespace(gpu=37, memory=12),
+                "temperature": 41,
+                "power_mw": 123_456,
+            },
+            {
+                "name": b"Tesla T4",
+                "uuid": b"GPU-7f3e2d1c-0b9a-4c55-8e7d-6c5b4a392817",
+                "memory": pynvml.c_nvmlMemory_t(total=15 * GIB + 360 * MIB, free=15 * GIB, used=360 * MIB),
+                "utilization": None,
+                "temperature": 30,
+                "power_mw": None,
+            },
         ]
 
     def nvmlSystemGetDriverVersion(self) -> str:
@@ -72,12 +82,28 @@ def test_read_gpus_from_a_recorded_nvml_answer() -> None:
     driver, gpus = read_gpus(RecordedNvml())
     assert driver == "550.54.15"
     assert gpus == [
-        GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-0b9a4c1e-2f7d-4c55-9a1c-3e2d1f0a9b8c",
-                memory_total_mib=80 * 1024, memory_free_mib=60 * 1024, memory_used_mib=20 * 1024,
-                utilization_pct=37, temperature_c=41, power_w=123.456),
-        GpuInfo(index=1, name="Tesla T4", uuid="GPU-7f3e2d1c-0b9a-4c55-8e7d-6c5b4a392817",
-                memory_total_mib=15 * 1024 + 360, memory_free_mib=15 * 1024, memory_used_mib=360,
-                utilization_pct=None, temperature_c=30, power_w=None),
+        GpuInfo(
+            index=0,
+            name="NVIDIA H100 80GB HBM3",
+            uuid="GPU-0b9a4c1e-2f7d-4c55-9a1c-3e2d1f0a9b8c",
+            memory_total_mib=80 * 1024,
+            memory_free_mib=60 * 1024,
+            memory_used_mib=20 * 1024,
+            utilization_pct=37,
+            temperature_c=41,
+            power_w=123.456,
+        ),
+        GpuInfo(
+            index=1,
+            name="Tesla T4",
+            uuid="GPU-7f3e2d1c-0b9a-4c55-8e7d-6c5b4a392817",
+            memory_total_mib=15 * 1024 + 360,
+            memory_free_mib=15 * 1024,
+            memory_used_mib=360,
+            utilization_pct=None,
+            temperature_c=30,
+            power_w=None,
+        ),
     ]
 
 
@@ -94,15 +120,30 @@ def test_read_gpus_lets_other_nvml_errors_through() -> None:
         read_gpus(nvml)
 
 
-@pytest.mark.parametrize(("vram_mib", "expected"), [
-    ((), "cpu"),
-    ((80 * 1024,), "gpu-80gb"),
-    ((15 * 1024 + 360,), "gpu-15gb"),
-    ((24 * 1024, 80 * 1024 - 1), "gpu-79gb"),
-])
+@pytest.mark.parametrize(
+    ("vram_mib", "expected"),
+    [
+        ((), "cpu"),
+        ((80 * 1024,), "gpu-80gb"),
+        ((15 * 1024 + 360,), "gpu-15gb"),
+        ((24 * 1024, 80 * 1024 - 1), "gpu-79gb"),
+    ],
+)
 def test_hardware_class(vram_mib: tuple[int, ...], expected: str) -> None:
-    gpus = [GpuInfo(index=i, name="gpu", uuid=f"GPU-{i}", memory_total_mib=m, memory_free_mib=m, memory_used_mib=0,
-                    utilization_pct=None, temperature_c=None, power_w=None) for i, m in enumerate(vram_mib)]
+    gpus = [
+        GpuInfo(
+            index=i,
+            name="gpu",
+            uuid=f"GPU-{i}",
+            memory_total_mib=m,
+            memory_free_mib=m,
+            memory_used_mib=0,
+            utilization_pct=None,
+            temperature_c=None,
+            power_w=None,
+        )
+        for i, m in enumerate(vram_mib)
+    ]
     report = HardwareReport(kind="gpu" if gpus else "cpu", hostname="h", gpus=gpus)
     assert report.hardware_class == expected
 

@@ -55,8 +55,13 @@ def test_events_of_the_same_moment_travel_as_one_message_in_order(publisher: Job
     assert message[1]["events"] == [
         {"job_id": "j1", "attempt": 1, "kind": "running", "worker_id": "worker-x", "detail": {}},
         {"job_id": "j2", "attempt": 1, "kind": "running", "worker_id": "worker-x", "detail": {}},
-        {"job_id": "j1", "attempt": 1, "kind": "succeeded", "worker_id": "worker-x",
-         "detail": {"usage": {"completion_tokens": 3}}},
+        {
+            "job_id": "j1",
+            "attempt": 1,
+            "kind": "succeeded",
+            "worker_id": "worker-x",
+            "detail": {"usage": {"completion_tokens": 3}},
+        },
     ]
     time.sleep(0.2)
     assert len(control_messages()) == 1  # nothing sent twice

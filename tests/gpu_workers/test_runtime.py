@@ -26,8 +26,11 @@ def runtimes() -> Iterator[list[WorkerRuntime]]:
     host = EngineHost(redis_url=env.REDIS_URL)
     app = create_celery_app(broker_url=env.REDIS_URL, main="farm-worker-test")
     for worker_id in ("worker-a", "worker-b"):
-        made.append(WorkerRuntime(worker_id=worker_id, redis_url=env.REDIS_URL, host=host,
-                                  events=JobEventPublisher(app, worker_id)))
+        made.append(
+            WorkerRuntime(
+                worker_id=worker_id, redis_url=env.REDIS_URL, host=host, events=JobEventPublisher(app, worker_id)
+            )
+        )
     yield made
     for runtime in made:
         runtime.redis.close()
@@ -35,8 +38,14 @@ def runtimes() -> Iterator[list[WorkerRuntime]]:
 
 
 def message(job_id: str, attempt: int = 1) -> InferenceMessage:
-    return InferenceMessage(job_id=job_id, attempt=attempt, spec="tiny-llama-cpu", kind="chat.completion",
-                            request={"messages": [{"role": "user", "content": "hi"}]}, deadline=time.time() + 60)
+    return InferenceMessage(
+        job_id=job_id,
+        attempt=attempt,
+        spec="tiny-llama-cpu",
+        kind="chat.completion",
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline=time.time() + 60,
+    )
 
 
 def test_only_the_first_claim_of_an_attempt_wins(runtimes: list[WorkerRuntime]) -> None:
@@ -79,15 +88,23 @@ def test_two_attempts_of_one_job_are_tracked_apart(runtimes: list[WorkerRuntime]
     config = EngineConfig(spec_name="tiny-llama-cpu", model_path=Path("/nonexistent"))
     engine = NullEngine(config)
     engine.token_interval_s = 0.05
-    runtime.engines = EnginePool(configs={config.spec_name: config}, need_bytes={}, budget_bytes=0,
-                                 load=lambda _: engine, unload=lambda *_: None)
+    runtime.engines = EnginePool(
+        configs={config.spec_name: config}, need_bytes={}, budget_bytes=0, load=lambda _: engine, unload=lambda *_: None
+    )
     job_id = str(uuid.uuid4())
 
     def attempt(number: int, tokens: int):
         request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens}
-        return runtime.run_inference(InferenceMessage(job_id=job_id, attempt=number, spec="tiny-llama-cpu",
-                                                      kind="chat.completion", request=request,
-                                                      deadline=time.time() + 60))
+        return runtime.run_inference(
+            InferenceMessage(
+                job_id=job_id,
+                attempt=number,
+                spec="tiny-llama-cpu",
+                kind="chat.completion",
+                request=request,
+                deadline=time.time() + 60,
+            )
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         first, second = pool.submit(attempt, 1, 4), pool.submit(attempt, 2, 40)
@@ -113,12 +130,20 @@ def test_a_spec_that_fails_to_load_never_quarantines_the_worker(runtimes: list[W
     def load(_: EngineConfig) -> None:
         raise ValueError("max_model_len too large")
 
-    runtime.engines = EnginePool(configs={config.spec_name: config}, need_bytes={}, budget_bytes=0, load=load,
-                                 unload=lambda *_: None)
+    runtime.engines = EnginePool(
+        configs={config.spec_name: config}, need_bytes={}, budget_bytes=0, load=load, unload=lambda *_: None
+    )
     outcomes = [
-        runtime.run_inference(InferenceMessage(job_id=str(uuid.uuid4()), attempt=1, spec="broken-spec",
-                                               kind="chat.completion", request={"messages": []},
-                                               deadline=time.time() + 60))
+        runtime.run_inference(
+            InferenceMessage(
+                job_id=str(uuid.uuid4()),
+                attempt=1,
+                spec="broken-spec",
+                kind="chat.completion",
+                request={"messages": []},
+                deadline=time.time() + 60,
+            )
+        )
         for _ in range(runtime.quarantine_after + 2)
     ]
     assert {(o.status, o.error["code"], o.error["retry"]) for o in outcomes} == {("failed", "spec_load_failed", True)}

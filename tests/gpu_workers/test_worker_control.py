@@ -45,12 +45,16 @@ def worker() -> Iterator[tuple[WorkerRuntime, Consuming, Heartbeat]]:
     """A worker runtime listening for control commands on the test Redis, advertised by a real heartbeat."""
     host = EngineHost(redis_url=env.REDIS_URL)
     app = create_celery_app(broker_url=env.REDIS_URL, main="farm-worker-test")
-    runtime = WorkerRuntime(worker_id=WORKER, redis_url=env.REDIS_URL, host=host,
-                            events=JobEventPublisher(app, WORKER))
+    runtime = WorkerRuntime(worker_id=WORKER, redis_url=env.REDIS_URL, host=host, events=JobEventPublisher(app, WORKER))
     consuming = Consuming()
     runtime.on_quarantine, runtime.on_resume = consuming.stop, consuming.start
-    heartbeat = Heartbeat(client=redis.Redis.from_url(env.REDIS_URL), worker_id=WORKER, interval_s=0.2, ttl_s=5,
-                          describe=lambda: {"status": runtime.status, "specs": [], "load": runtime.stats.snapshot()})
+    heartbeat = Heartbeat(
+        client=redis.Redis.from_url(env.REDIS_URL),
+        worker_id=WORKER,
+        interval_s=0.2,
+        ttl_s=5,
+        describe=lambda: {"status": runtime.status, "specs": [], "load": runtime.stats.snapshot()},
+    )
     heartbeat.start()
     client = redis.Redis.from_url(env.REDIS_URL)
 
@@ -103,8 +107,13 @@ def test_drain_quarantine_resume_reach_the_worker(worker) -> None:
 
 def test_a_command_for_another_worker_is_ignored(worker) -> None:
     runtime, consuming, _ = worker
-    other = Heartbeat(client=redis.Redis.from_url(env.REDIS_URL), worker_id="someone-else", interval_s=60, ttl_s=5,
-                      describe=lambda: {"status": "ready"})
+    other = Heartbeat(
+        client=redis.Redis.from_url(env.REDIS_URL),
+        worker_id="someone-else",
+        interval_s=60,
+        ttl_s=5,
+        describe=lambda: {"status": "ready"},
+    )
     other.beat()
     try:
         worker_drain(worker_id="someone-else")
@@ -149,17 +158,33 @@ def test_tokens_per_second_over_the_window() -> None:
 def test_worker_metrics_endpoint() -> None:
     port = free_port()
     describe = lambda: {  # noqa: E731
-        "status": "quarantined", "specs": ["s"],
-        "hardware": {"kind": "gpu", "gpus": [{"index": 0, "name": "L4", "memory_total_mib": 23034,
-                                               "memory_used_mib": 1000, "memory_free_mib": 22034,
-                                               "utilization_pct": 10, "temperature_c": 40, "power_w": 30.0}]},
+        "status": "quarantined",
+        "specs": ["s"],
+        "hardware": {
+            "kind": "gpu",
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "L4",
+                    "memory_total_mib": 23034,
+                    "memory_used_mib": 1000,
+                    "memory_free_mib": 22034,
+                    "utilization_pct": 10,
+                    "temperature_c": 40,
+                    "power_w": 30.0,
+                }
+            ],
+        },
         "load": {"running": 1, "capacity": 4, "completed": 9, "failed": 2, "tokens": 777, "tokens_per_s": 3.5},
     }
     start_metrics_server(port=port, addr="127.0.0.1", worker_id="w-metrics", describe=describe)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("farm_worker_status", (("status", "quarantined"),))] == 1
     assert samples[("farm_worker_status", (("status", "ready"),))] == 0
     assert samples[("farm_worker_running_jobs", ())] == 1

@@ -23,27 +23,49 @@ class ChatShaper:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        return {"id": f"chatcmpl-{sub.job_id}", "object": "chat.completion.chunk", "created": sub.created,
-                "model": sub.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        return {
+            "id": f"chatcmpl-{sub.job_id}",
+            "object": "chat.completion.chunk",
+            "created": sub.created,
+            "model": sub.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
 
     def body(self, sub: Submission, *, text: str, finish_reason: str) -> dict[str, Any]:
-        return {"id": f"chatcmpl-{sub.job_id}", "object": "chat.completion", "created": sub.created,
-                "model": sub.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": finish_reason}]}
+        return {
+            "id": f"chatcmpl-{sub.job_id}",
+            "object": "chat.completion",
+            "created": sub.created,
+            "model": sub.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+        }
 
 
 _shaper = ChatShaper()
 
 
 @operation(
-    method="POST", operation_id="createChatCompletion", summary="Create a chat completion", tags=("OpenAI",),
-    request=ChatCompletionRequest, errors=GENERATION_ERRORS,
-    responses={200: Response("The completion; with `stream: true`, server-sent events of chunks ending with "
-                             "`data: [DONE]`.",
-                             {"application/json": ChatCompletion,
-                              "text/event-stream": EventStream(ChatCompletionChunk)})},
+    method="POST",
+    operation_id="createChatCompletion",
+    summary="Create a chat completion",
+    tags=("OpenAI",),
+    request=ChatCompletionRequest,
+    errors=GENERATION_ERRORS,
+    responses={
+        200: Response(
+            "The completion; with `stream: true`, server-sent events of chunks ending with `data: [DONE]`.",
+            {"application/json": ChatCompletion, "text/event-stream": EventStream(ChatCompletionChunk)},
+        )
+    },
 )
 @openai_endpoint("POST")
 async def chat_completions(request: HttpRequest) -> HttpResponse:

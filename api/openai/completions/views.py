@@ -18,9 +18,14 @@ class CompletionShaper:
     kind = JobKind.COMPLETION
 
     def chunk(self, sub: Submission, *, text: str | None, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        return {"id": f"cmpl-{sub.job_id}", "object": "text_completion", "created": sub.created, "model": sub.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+        return {
+            "id": f"cmpl-{sub.job_id}",
+            "object": "text_completion",
+            "created": sub.created,
+            "model": sub.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}],
+        }
 
     def body(self, sub: Submission, *, text: str, finish_reason: str) -> dict[str, Any]:
         return self.chunk(sub, text=text, finish_reason=finish_reason, first=True)
@@ -30,11 +35,18 @@ _shaper = CompletionShaper()
 
 
 @operation(
-    method="POST", operation_id="createCompletion", summary="Create a text completion (legacy)", tags=("OpenAI",),
-    request=CompletionRequest, errors=GENERATION_ERRORS,
-    responses={200: Response("The completion; with `stream: true`, server-sent events of completion chunks ending "
-                             "with `data: [DONE]`.",
-                             {"application/json": Completion, "text/event-stream": EventStream(Completion)})},
+    method="POST",
+    operation_id="createCompletion",
+    summary="Create a text completion (legacy)",
+    tags=("OpenAI",),
+    request=CompletionRequest,
+    errors=GENERATION_ERRORS,
+    responses={
+        200: Response(
+            "The completion; with `stream: true`, server-sent events of completion chunks ending with `data: [DONE]`.",
+            {"application/json": Completion, "text/event-stream": EventStream(Completion)},
+        )
+    },
 )
 @openai_endpoint("POST")
 async def completions(request: HttpRequest) -> HttpResponse:

@@ -32,17 +32,39 @@ class JobSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Job
-        fields = ["id", "object", "kind", "model", "status", "attempt", "max_attempts", "created_at", "started_at",
-                  "finished_at", "deadline_at", "usage", "error", "result", "request_id"]
+        fields = [
+            "id",
+            "object",
+            "kind",
+            "model",
+            "status",
+            "attempt",
+            "max_attempts",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "deadline_at",
+            "usage",
+            "error",
+            "result",
+            "request_id",
+        ]
         read_only_fields = fields  # a response-only serializer: every field is always present
 
     def get_object(self, job: Job) -> str:
         return "job"
 
 
-JobList = inline_serializer("JobList", {
-    "object": serializers.CharField(), "data": JobSerializer(many=True), "has_more": serializers.BooleanField(),
-    "first_id": serializers.UUIDField(allow_null=True), "last_id": serializers.UUIDField(allow_null=True)})
+JobList = inline_serializer(
+    "JobList",
+    {
+        "object": serializers.CharField(),
+        "data": JobSerializer(many=True),
+        "has_more": serializers.BooleanField(),
+        "first_id": serializers.UUIDField(allow_null=True),
+        "last_id": serializers.UUIDField(allow_null=True),
+    },
+)
 
 
 def _limit(request: Request) -> int:
@@ -69,14 +91,17 @@ def _after(request: Request) -> str | None:
         raise serializers.ValidationError({"after": ["must be a job id"]}) from None
 
 
-@extend_schema(operation_id="listJobs", summary="List your jobs, newest first", tags=["Jobs"],
-               parameters=[
-                   OpenApiParameter("limit", OpenApiTypes.INT, description="1 to 100 (default 20; clamped)."),
-                   OpenApiParameter("status", OpenApiTypes.STR, enum=JobStatus.values),
-                   OpenApiParameter("after", OpenApiTypes.UUID,
-                                    description="A job id: list the jobs created before it."),
-               ],
-               responses={200: JobList, **error_responses(400, 401, 503)})
+@extend_schema(
+    operation_id="listJobs",
+    summary="List your jobs, newest first",
+    tags=["Jobs"],
+    parameters=[
+        OpenApiParameter("limit", OpenApiTypes.INT, description="1 to 100 (default 20; clamped)."),
+        OpenApiParameter("status", OpenApiTypes.STR, enum=JobStatus.values),
+        OpenApiParameter("after", OpenApiTypes.UUID, description="A job id: list the jobs created before it."),
+    ],
+    responses={200: JobList, **error_responses(400, 401, 503)},
+)
 @api_view(["GET"])
 def job_list(request: Request) -> Response:
     jobs = Job.objects.select_related("model").filter(owner_id=request.auth.owner_id)
@@ -94,15 +119,24 @@ def job_list(request: Request) -> Response:
     return Response(list_page(data, has_more=len(page) > limit))
 
 
-@extend_schema(operation_id="retrieveJob", summary="Retrieve one of your jobs", tags=["Jobs"],
-               responses={200: JobSerializer, **error_responses(401, 404, 503)})
+@extend_schema(
+    operation_id="retrieveJob",
+    summary="Retrieve one of your jobs",
+    tags=["Jobs"],
+    responses={200: JobSerializer, **error_responses(401, 404, 503)},
+)
 @api_view(["GET"])
 def job_detail(request: Request, job_id: str) -> Response:
     return Response(JobSerializer(job_get(job_id=str(job_id), owner_id=request.auth.owner_id)).data)
 
 
-@extend_schema(operation_id="cancelJob", summary="Cancel a queued or running job", tags=["Jobs"], request=None,
-               responses={200: JobSerializer, **error_responses(401, 404, 409, 503)})
+@extend_schema(
+    operation_id="cancelJob",
+    summary="Cancel a queued or running job",
+    tags=["Jobs"],
+    request=None,
+    responses={200: JobSerializer, **error_responses(401, 404, 409, 503)},
+)
 @api_view(["POST"])
 def job_cancel_view(request: Request, job_id: str) -> Response:
     return Response(JobSerializer(job_cancel(job_id=str(job_id), owner_id=request.auth.owner_id)).data)

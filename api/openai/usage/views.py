@@ -88,8 +88,12 @@ def _date(request: Request, name: str, default: date) -> date:
             description=f"First day, UTC, inclusive (default: {DEFAULT_DAYS} days ago).",
         ),
         OpenApiParameter("end_date", OpenApiTypes.DATE, description="Last day, inclusive (default: today)."),
-        OpenApiParameter("model", OpenApiTypes.STR, description="Only this model (up to 200 characters, no NUL).",
-                         pattern="^[^\\u0000]{0,200}$"),
+        OpenApiParameter(
+            "model",
+            OpenApiTypes.STR,
+            description="Only this model (up to 200 characters, no NUL).",
+            pattern="^[^\\u0000]{0,200}$",
+        ),
     ],
     responses={200: UsageList, **error_responses(400, 401, 503)},
 )
@@ -97,8 +101,9 @@ def _date(request: Request, name: str, default: date) -> date:
 def usage_view(request: Request) -> Response:
     today = timezone.now().date()
     end = _date(request, "end_date", today)
-    start = _date(request, "start_date", max(date.min + timedelta(days=DEFAULT_DAYS - 1), end)
-                  - timedelta(days=DEFAULT_DAYS - 1))  # no OverflowError for an end_date in year 1
+    start = _date(
+        request, "start_date", max(date.min + timedelta(days=DEFAULT_DAYS - 1), end) - timedelta(days=DEFAULT_DAYS - 1)
+    )  # no OverflowError for an end_date in year 1
     if start > end:
         raise serializers.ValidationError({"start_date": ["must not be after end_date"]})
     if (end - start).days >= MAX_DAYS:

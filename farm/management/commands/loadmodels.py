@@ -12,8 +12,10 @@ from farm.catalog import catalog_load, spec_catalog_publish
 
 
 class Command(BaseCommand):
-    help = ("Create or update models and their specs from a YAML file (see deploy/models/demo.yaml), then publish "
-            "the spec catalogue to Redis for workers.")
+    help = (
+        "Create or update models and their specs from a YAML file (see deploy/models/demo.yaml), then publish "
+        "the spec catalogue to Redis for workers."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", type=Path)

@@ -51,11 +51,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--models", type=Path, default=DEMO_MODELS, help="models YAML (default: the demo model)")
-        parser.add_argument("--worker-spec", action="append", default=None,
-                            help=f"spec(s) the local worker serves (default: {DEMO_SPEC}); 'none' for no worker")
+        parser.add_argument(
+            "--worker-spec",
+            action="append",
+            default=None,
+            help=f"spec(s) the local worker serves (default: {DEMO_SPEC}); 'none' for no worker",
+        )
         parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
-        parser.add_argument("--no-trainer", action="store_true",
-                            help="do not start the CPU training worker (fine-tuning and eval-loss jobs, train.cpu)")
+        parser.add_argument(
+            "--no-trainer",
+            action="store_true",
+            help="do not start the CPU training worker (fine-tuning and eval-loss jobs, train.cpu)",
+        )
         parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes (default 1)")
         parser.add_argument("--startup-timeout", type=float, default=600.0)
 
@@ -63,15 +70,24 @@ class Command(BaseCommand):
         self.children: list[tuple[str, subprocess.Popen]] = []
         logs = env.FARM_HOME / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        child_env = dict(os.environ, REDIS_URL=env.REDIS_URL, FARM_MODEL_DIR=str(env.FARM_MODEL_DIR),
-                         PYTHONUNBUFFERED="1")
+        child_env = dict(
+            os.environ, REDIS_URL=env.REDIS_URL, FARM_MODEL_DIR=str(env.FARM_MODEL_DIR), PYTHONUNBUFFERED="1"
+        )
         # Workers fetch job inputs and LoRA adapters through the API (gpu_workers/envs.py).
         child_env.setdefault("FARM_API_URL", f"http://{env.FARM_HOST}:{env.FARM_PORT}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             if not env.REDIS_URL_IS_SET:
-                self.children.append(("redis", start_embedded_redis(
-                    port=env.FARM_EMBEDDED_REDIS_PORT, data_dir=env.FARM_HOME / "redis", log_file=logs / "redis.log")))
+                self.children.append(
+                    (
+                        "redis",
+                        start_embedded_redis(
+                            port=env.FARM_EMBEDDED_REDIS_PORT,
+                            data_dir=env.FARM_HOME / "redis",
+                            log_file=logs / "redis.log",
+                        ),
+                    )
+                )
             self.step("migrating the database")
             call_command("migrate", interactive=False, verbosity=0)
             specs = options["worker_spec"] or [DEMO_SPEC]
@@ -79,25 +95,47 @@ class Command(BaseCommand):
                 specs = []
             if options["models"] == DEMO_MODELS and specs:
                 self.step(f"preparing the demo model in {env.FARM_MODEL_DIR} (first run: about a minute)")
-                subprocess.run([sys.executable, "-m", "gpu_workers.model_store", "prepare-demo",
-                                str(env.FARM_MODEL_DIR)], check=True, env=child_env)
+                subprocess.run(
+                    [sys.executable, "-m", "gpu_workers.model_store", "prepare-demo", str(env.FARM_MODEL_DIR)],
+                    check=True,
+                    env=child_env,
+                )
             call_command("loadmodels", str(options["models"]), verbosity=0)
             spec_catalog_publish()
             key = self.bootstrap_key()
             self.step("starting the control worker, the API, Flower and the worker")
-            self.spawn("control", processes.control_worker_command(
-                beat_schedule=str(env.FARM_HOME / "celerybeat-schedule")), logs, child_env)
-            self.spawn("api", processes.api_command(host=env.FARM_HOST, port=env.FARM_PORT,
-                                                    workers=options["api_workers"]), logs, child_env)
+            self.spawn(
+                "control",
+                processes.control_worker_command(beat_schedule=str(env.FARM_HOME / "celerybeat-schedule")),
+                logs,
+                child_env,
+            )
+            self.spawn(
+                "api",
+                processes.api_command(host=env.FARM_HOST, port=env.FARM_PORT, workers=options["api_workers"]),
+                logs,
+                child_env,
+            )
             if not options["no_flower"]:
-                self.spawn("flower", processes.flower_command(
-                    broker_url=env.REDIS_URL, port=env.FLOWER_PORT, basic_auth=env.FLOWER_BASIC_AUTH), logs, child_env)
+                self.spawn(
+                    "flower",
+                    processes.flower_command(
+                        broker_url=env.REDIS_URL, port=env.FLOWER_PORT, basic_auth=env.FLOWER_BASIC_AUTH
+                    ),
+                    logs,
+                    child_env,
+                )
             if specs:
-                self.spawn("worker", processes.gpu_worker_command(specs=specs, worker_id="local-cpu-0"), logs,
-                           child_env)
+                self.spawn(
+                    "worker", processes.gpu_worker_command(specs=specs, worker_id="local-cpu-0"), logs, child_env
+                )
             if not options["no_trainer"]:
-                self.spawn("trainer", processes.training_worker_command(classes=["cpu"], worker_id="local-trainer-0"),
-                           logs, child_env)
+                self.spawn(
+                    "trainer",
+                    processes.training_worker_command(classes=["cpu"], worker_id="local-trainer-0"),
+                    logs,
+                    child_env,
+                )
             self.wait_ready(specs, options["startup_timeout"], logs)
             self.banner(key, logs)
             self.supervise()
@@ -114,8 +152,9 @@ class Command(BaseCommand):
 
     def spawn(self, name: str, command: list[str], logs: Path, child_env: dict[str, str]) -> None:
         log_file = (logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
-                                   cwd=env.BASE_DIR, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env, cwd=env.BASE_DIR, start_new_session=True
+        )
         self.children.append((name, process))
 
     def bootstrap_key(self) -> str:
@@ -161,15 +200,18 @@ class Command(BaseCommand):
     def banner(self, key: str, logs: Path) -> None:
         base = f"http://{env.FARM_HOST}:{env.FARM_PORT}"
         self.stdout.write(self.style.SUCCESS("\nfarm is up."))
-        self.stdout.write(f"  OpenAI API:  {base}/v1      admin: {base}/admin/      "
-                          f"flower: http://127.0.0.1:{env.FLOWER_PORT}/")
+        self.stdout.write(
+            f"  OpenAI API:  {base}/v1      admin: {base}/admin/      flower: http://127.0.0.1:{env.FLOWER_PORT}/"
+        )
         self.stdout.write(f"  API key:     {key}")
         self.stdout.write(f"  logs:        {logs}/")
-        self.stdout.write("  try:\n"
-                          f"    curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                          "-H 'Content-Type: application/json' \\\n"
-                          f"      -d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", "
-                          "\"content\": \"What is the capital of France?\"}]}'")
+        self.stdout.write(
+            "  try:\n"
+            f"    curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' \\\n"
+            f'      -d \'{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", '
+            '"content": "What is the capital of France?"}]}\''
+        )
         self.stdout.write("  Ctrl-C stops everything.")
         self.stdout.flush()
 
