@@ -1,4 +1,5 @@
-"""Request id: taken from `x-request-id` when valid (or made), returned on the response, bound to log lines."""
+"""Request id: taken from `x-request-id` when valid (or made), returned on the response, bound to log lines; and
+static files served from the event loop. (Django's stock middleware, made cheap: `api.django_middleware`.)"""
 
 from __future__ import annotations
 
