@@ -37,6 +37,7 @@ from gpu_workers import envs, runtime
 from gpu_workers.engine import EngineConfig
 from gpu_workers.engine_host import EngineHost
 from gpu_workers.engine_pool import EnginePool, NoRoom, SpecLoadFailed
+from gpu_workers.exit_watchdog import exit_watchdog_start
 from gpu_workers.fit import spec_fit
 from gpu_workers.hardware import HardwareReport, probe_hardware
 from gpu_workers.heartbeat import Heartbeat, loaded_model_entries, queued_messages
@@ -287,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             without_mingle=True,
         )
         worker.start()
-        return worker.exitcode or 0
+        exit_code = worker.exitcode or 0
     finally:
         worker_runtime.events.flush()  # the last outcomes and hand-backs leave before the process does
         heartbeat.stop()
         host.close()
+    log.info("worker %s shut down (exit %d)", args.worker_id, exit_code)
+    exit_watchdog_start(exit_code, envs.FARM_EXIT_TIMEOUT_S)
+    return exit_code
 
 
 if __name__ == "__main__":

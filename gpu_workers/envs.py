@@ -30,6 +30,8 @@ FARM_WORKER_TTL_S: float = float(_get("FARM_WORKER_TTL_S", "15"))
 FARM_CPU_KVCACHE_GIB: str = _get("FARM_CPU_KVCACHE_GIB", "2")
 # On SIGTERM: seconds running jobs may take to finish before they are aborted and handed back to the queue.
 FARM_SHUTDOWN_GRACE_S: float = float(_get("FARM_SHUTDOWN_GRACE_S", "20"))
+# Seconds the interpreter's teardown may take after a clean shutdown before the worker exits regardless.
+FARM_EXIT_TIMEOUT_S: float = float(_get("FARM_EXIT_TIMEOUT_S", "5"))
 # Consecutive worker-side failures after which the worker quarantines itself (stops consuming, reports unhealthy).
 FARM_QUARANTINE_AFTER: int = int(_get("FARM_QUARANTINE_AFTER", "5"))
 # Port of this worker's Prometheus `/metrics` endpoint (load, tokens, status, per-GPU figures); 0 turns it off.

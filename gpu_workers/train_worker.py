@@ -19,6 +19,7 @@ from farm import queues
 from farm.celery_app import create_celery_app
 from farm.redis_client import redis_connect
 from gpu_workers import envs, training_runner
+from gpu_workers.exit_watchdog import exit_watchdog_start
 from gpu_workers.hardware import probe_hardware
 from gpu_workers.heartbeat import Heartbeat
 from gpu_workers.job_events import JobEventPublisher
@@ -88,7 +89,10 @@ def run_training_worker(args: argparse.Namespace) -> int:
             without_mingle=True,
         )
         worker.start()
-        return worker.exitcode or 0
+        exit_code = worker.exitcode or 0
     finally:
         runner.events.flush()  # the last outcomes and hand-backs leave before the process does
         heartbeat.stop()
+    log.info("training worker %s shut down (exit %d)", args.worker_id, exit_code)
+    exit_watchdog_start(exit_code, envs.FARM_EXIT_TIMEOUT_S)
+    return exit_code

@@ -74,7 +74,9 @@ class FarmProcesses:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            raise TimeoutError(f"{name} did not exit within {timeout}s of signal {sig}") from None
+            raise TimeoutError(
+                f"{name} did not exit within {timeout}s of signal {sig}; its log ends:\n{self.log_tail(name)}"
+            ) from None
         finally:
             _kill_leftovers(descendants)
         return returncode
