@@ -68,16 +68,21 @@ def job_move_spec(*, job_id: str, attempt: int, spec: ModelSpec, reason: str) ->
     return bool(moved)
 
 
-def job_failover_dispatch(*, job_id: str, failed: bool, countdown: float = 0.0, reason: str = "") -> bool:
+def job_failover_dispatch(
+    *, job_id: str, failed: bool, countdown: float = 0.0, reason: str = "", cause: str | None = None
+) -> bool:
     """Publishes a requeued job's new attempt. When the attempt `failed` (not a hand-back), its spec is backed off
-    and the job goes to another live spec of the model when there is one (at once: that spec is healthy); else it
-    is routed like a new request (after `countdown` when it stays on the same spec). Returns whether it was sent."""
+    (once per `cause`, see `spec_failure_record`) and the job goes to another live spec of the model when there is
+    one (at once: that spec is healthy); else it is routed like a new request (after `countdown` when it stays on
+    the same spec). Returns whether it was sent."""
     job = Job.objects.select_related("spec", "model").filter(pk=job_id, status=JobStatus.QUEUED).first()
     if job is None or job.spec is None or job.kind not in jobs.INFERENCE_KINDS:
         return jobs.job_dispatch(job_id=job_id, countdown=countdown)
     current = job.spec.name
     if failed:
-        spec_failure_record(spec=current, reason=reason or f"job {job_id} attempt {job.attempt - 1} failed")
+        spec_failure_record(
+            spec=current, reason=reason or f"job {job_id} attempt {job.attempt - 1} failed", cause=cause
+        )
     target = job_spec_next(job=job, exclude={current} if failed else set())
     if (
         target is not None

@@ -39,14 +39,15 @@ class ReapReport:
     failed_over: list[str] = field(default_factory=list)
 
 
-def _requeue(job: Job, reason: str, report: ReapReport) -> None:
+def _requeue(job: Job, reason: str, report: ReapReport, *, worker_id: str) -> None:
+    """Requeues a job its worker (`worker_id`) lost; that worker's death counts once against the spec."""
     requeued = jobs.job_requeue(job_id=str(job.pk), attempt=job.attempt, reason=reason, worker_id="reaper")
     if requeued is None:
         return
     if requeued.failed:
         report.failed.append(str(job.pk))
         return
-    job_failover_dispatch(job_id=str(job.pk), failed=True, reason=reason)  # its worker died: the next live spec
+    job_failover_dispatch(job_id=str(job.pk), failed=True, reason=reason, cause=f"worker:{worker_id}")
     report.requeued.append(str(job.pk))
 
 
@@ -77,14 +78,14 @@ def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report:
         worker = live.get(job.worker_id)
         started = job.started_at or now.at
         if worker is None and _silent(job.worker_id, started, now.seen, now.cutoff):
-            _requeue(job, f"worker {job.worker_id or '?'} went silent", report)
+            _requeue(job, f"worker {job.worker_id or '?'} went silent", report, worker_id=job.worker_id or "?")
         elif worker is not None and str(job.pk) not in worker.running_jobs and started < now.cutoff:
             # Alive but not running it: its outcome event is on its way (a busy control queue) or was lost (a broker
             # restart). Only after a whole lease of not running it is the event presumed lost and the job run again.
             key = f"{job.pk}:{job.attempt}"
             first_seen = suspects.get(key, now.at.timestamp())
             if now.at.timestamp() - first_seen >= now.lease_s:
-                _requeue(job, f"worker {job.worker_id} no longer runs it", report)
+                _requeue(job, f"worker {job.worker_id} no longer runs it", report, worker_id=job.worker_id)
             else:
                 still_suspect[key] = first_seen
     with client.pipeline(transaction=True) as pipe:
@@ -113,7 +114,9 @@ def _sweep_queued(client: Redis, now: _Now, sweep_after_s: float, report: ReapRe
         claimant = client.get(redis_keys.job_claim(str(job.pk), job.attempt))
         if claimant is not None:
             if _silent(claimant.decode(), job.dispatched_at or now.at, now.seen, now.cutoff):
-                _requeue(job, f"worker {claimant.decode()} died before starting it", report)
+                _requeue(
+                    job, f"worker {claimant.decode()} died before starting it", report, worker_id=claimant.decode()
+                )
             continue
         queue = jobs.job_queue(job)
         if queue is not None and client.llen(queue) == 0:
@@ -132,8 +135,10 @@ def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = Non
     """One reaper run (beat, every FARM_REAP_EVERY_S): see the module docstring."""
     report = ReapReport()
     client = sync_redis()
-    live = {worker.worker_id: worker for worker in worker_registry_sync()}
+    # The clock starts before the registry is read: a sync slowed down by the database (row locks under a busy
+    # control queue) must not make a heartbeat read fresh look older than a lease.
     at = timezone.now()
+    live = {worker.worker_id: worker for worker in worker_registry_sync()}
     now = _Now(
         at=at,
         cutoff=at - timedelta(seconds=env.FARM_JOB_LEASE_S if lease_s is None else lease_s),

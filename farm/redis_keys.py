@@ -77,5 +77,10 @@ def spec_failures(spec_name: str) -> str:
     return f"{PREFIX}spec:{spec_name}:failures"
 
 
+def spec_failure_cause(spec_name: str, cause: str) -> str:
+    """Marks one cause (a dead worker) as counted against a spec, so its many jobs count as one failure."""
+    return f"{PREFIX}spec:{spec_name}:failure-cause:{cause}"
+
+
 # Hash: cache job id -> JSON progress of a model cache job (farm.model_cache).
 MODEL_CACHE_JOBS = PREFIX + "model-cache-jobs"

@@ -19,17 +19,31 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_CACHE_S = 0.5
 _DEPTH_CACHE_S = 0.25
+# How long one cause (a dead worker) counts as a single failure of a spec, however many of its jobs are requeued.
+CAUSE_WINDOW_S = 60
 
 _backoffs: tuple[float, dict[str, float]] = (0.0, {})
 _depths: dict[str, tuple[float, int]] = {}
 
 
 def spec_failure_record(
-    *, spec: str, reason: str, now: float | None = None, policy: BackoffPolicy = BACKOFF_POLICY
+    *,
+    spec: str,
+    reason: str,
+    cause: str | None = None,
+    now: float | None = None,
+    policy: BackoffPolicy = BACKOFF_POLICY,
 ) -> float:
-    """Counts one failure of `spec` and backs it off for the policy's delay; returns the epoch it ends at."""
+    """Counts one failure of `spec` and backs it off for the policy's delay; returns the epoch it ends at.
+
+    Failures that share a `cause` (the jobs of one dead worker) count once per `CAUSE_WINDOW_S`: a worker that dies
+    holding 20 jobs is one failure of its spec, not 20 (which would back the spec off for the policy's maximum)."""
     now = time.time() if now is None else now
     client = sync_redis()
+    if cause is not None and not client.set(redis_keys.spec_failure_cause(spec, cause), 1, nx=True, ex=CAUSE_WINDOW_S):
+        until = float(client.hget(redis_keys.SPEC_BACKOFF, spec) or now)
+        log.info("spec %s failed (%s): cause %s already counted", spec, reason, cause)
+        return until
     counter = redis_keys.spec_failures(spec)
     with client.pipeline(transaction=True) as pipe:
         pipe.incr(counter)
@@ -44,12 +58,13 @@ def spec_failure_record(
 def spec_backoff_clear(*, spec: str | None = None) -> None:
     """Forgets a spec's failures (or every spec's): an operator fixed it."""
     client = sync_redis()
+    causes = list(client.scan_iter(match=redis_keys.spec_failure_cause(spec or "*", "*"), count=1000))
     if spec is None:
         names = [name.decode() for name in client.hkeys(redis_keys.SPEC_BACKOFF)]
-        client.delete(redis_keys.SPEC_BACKOFF, *[redis_keys.spec_failures(name) for name in names])
+        client.delete(redis_keys.SPEC_BACKOFF, *[redis_keys.spec_failures(name) for name in names], *causes)
     else:
         client.hdel(redis_keys.SPEC_BACKOFF, spec)
-        client.delete(redis_keys.spec_failures(spec))
+        client.delete(redis_keys.spec_failures(spec), *causes)
     backoffs_invalidate()
 
 

@@ -22,11 +22,18 @@ import orjson
 import psutil
 import pytest
 import redis
-from django.utils import timezone
 
 from farm import redis_keys
 from tests.conftest import database_url_for_children
-from tests.live_farm import FarmProcesses, child_env, http_ok, registry_entries, start_worker, wait_for
+from tests.live_farm import (
+    FarmProcesses,
+    child_env,
+    http_ok,
+    registry_entries,
+    start_worker,
+    wait_for,
+    wait_quiet,
+)
 from tests.services import free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(900)]
@@ -370,15 +377,17 @@ def test_sigkill_of_one_worker_moves_all_traffic_to_the_other_spec(fleet: Fleet)
         thread.start()
     time.sleep(4)
     # A's engine stops first, so a job is in flight on A when it dies (the tiny model ends a 24-token job in well
-    # under a second: A might otherwise hold none at the kill, and nothing would need a retry). Only a job sent
-    # after the pause proves it: a paused engine's outputs already on their way still let older jobs finish (its
-    # ZMQ queue to the worker is unbounded), and a `running` row may be an ended job whose outcome is in transit.
+    # under a second: A might otherwise hold none at the kill, and nothing would need a retry). A paused engine's
+    # outputs already on their way still let some jobs finish (its ZMQ queue to the worker is unbounded), so the
+    # kill waits until the jobs A itself reports in flight (its heartbeat, every second) stop changing: those are
+    # held by the stopped engine. (Job rows are no proof: a `running` row may be a job whose outcome is in transit,
+    # and A's slots may all be taken by jobs sent a moment before the pause.)
     with fleet.processes.engines_paused(["fleet-a"]):  # resuming a killed process is a no-op
-        paused_at = timezone.now()
-        wait_for(
-            lambda: bool(fleet.jobs(spec__name=SPEC_A, status="running", created_at__gt=paused_at)),
-            timeout=30,
-            what="a job sent after the pause in flight on A",
+        held = wait_quiet(
+            lambda: frozenset(fleet.registry().get("fleet-a", {}).get("running_jobs", ())) or None,
+            quiet_s=3.0,
+            timeout=60,
+            what="jobs held in flight on A's paused engine",
         )
         killed_at = fleet.processes.kill("fleet-a")
     time.sleep(4 * LEASE_S)
@@ -411,6 +420,7 @@ def test_sigkill_of_one_worker_moves_all_traffic_to_the_other_spec(fleet: Fleet)
     assert not elsewhere, elsewhere
     moved = [job for job in finished_after if job.attempt > 1]
     assert moved and all(job.spec.name == SPEC_B for job in moved), [(j.spec.name, j.attempt) for j in moved]
+    assert all(jobs[job_id].attempt > 1 for job_id in held if job_id in jobs), "a job held on A at its death ran again"
     # Requests sent a lease after the kill went straight to B.
     late = [job for (sent, _), job in zip(results, (jobs[i] for i in ids), strict=True) if sent >= killed_at + LEASE_S]
     assert late and all((job.spec.name, job.attempt) == (SPEC_B, 1) for job in late)

@@ -36,13 +36,13 @@ pytestmark = [pytest.mark.live, pytest.mark.timeout(900)]
 
 MODEL = "tiny-batches"
 SPEC = "tiny-batches-cpu"
-LEASE_S = 4.0
+LEASE_S = 8.0  # a saturated 2-core host can starve a worker's heartbeat thread for seconds
 FARM_ENV = {
     "FARM_JOB_LEASE_S": str(LEASE_S),
     "FARM_REAP_EVERY_S": "1",
     "FARM_SWEEP_AFTER_S": "5",
     "FARM_HEARTBEAT_S": "1",
-    "FARM_WORKER_TTL_S": "3",
+    "FARM_WORKER_TTL_S": "5",
     "FARM_CPU_KVCACHE_GIB": "1",
 }
 # Few slots, so that a batch takes several waves and a kill finds lines mid-generation.

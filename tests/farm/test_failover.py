@@ -174,6 +174,16 @@ def test_back_off_grows_with_each_failure_and_is_shared(fleet: dict[str, ModelSp
     assert spec_backoffs_sync()[SPEC_A] == pytest.approx(now + 16.0)
 
 
+def test_failures_with_one_cause_count_once(fleet: dict[str, ModelSpec]) -> None:
+    """The 20 jobs of one dead worker are one failure of their spec; another worker's death is a second one."""
+    now = time.time()
+    ends = [spec_failure_record(spec=SPEC_A, reason="test", cause="worker:w1", now=now) - now for _ in range(20)]
+    assert ends == [2.0] * 20
+    assert spec_failure_record(spec=SPEC_A, reason="test", cause="worker:w2", now=now) - now == 4.0
+    assert spec_failure_record(spec=SPEC_A, reason="test", now=now) - now == 8.0  # no cause: every failure counts
+    assert spec_backoffs_sync()[SPEC_A] == pytest.approx(now + 8.0)
+
+
 def test_failover_dispatch_of_the_last_replica_stays_on_its_spec(fleet: dict[str, ModelSpec]) -> None:
     serve("fo-a", SPEC_A)
     job = queued_job(fleet[SPEC_A], waited_s=0.0)

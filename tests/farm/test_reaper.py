@@ -112,6 +112,38 @@ def test_a_silent_worker_loses_its_job(running_job: Job) -> None:
     assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
 
 
+def test_a_silent_worker_backs_its_spec_off_once_however_many_jobs_it_held(running_job: Job) -> None:
+    """A worker that dies (or is only late to beat, on a starved host) with many jobs costs its spec the first
+    back-off step, not the policy's maximum: each of its jobs must not count as another failure."""
+    from farm.spec_health import spec_backoff_clear, spec_backoffs_sync
+
+    spec_backoff_clear(spec=SPEC)
+    others = [
+        job_create(
+            owner_id=running_job.owner_id,
+            api_key_id=None,
+            kind=JobKind.CHAT,
+            model_id=running_job.model_id,
+            spec_id=running_job.spec_id,
+            request={"messages": [{"role": "user", "content": "hi"}]},
+            deadline_at=timezone.now() + timedelta(minutes=5),
+        )
+        for _ in range(5)
+    ]
+    for job in others:
+        assert job_apply_event(job_id=str(job.pk), attempt=1, kind=JobStatus.RUNNING, worker_id="w-live", detail={})
+    Job.objects.filter(pk__in=[job.pk for job in others]).update(
+        started_at=timezone.now() - timedelta(seconds=2 * LEASE_S)
+    )
+    started = time.time()
+    try:
+        report = jobs_reap(lease_s=LEASE_S)
+        assert sorted(report.requeued) == sorted(str(job.pk) for job in [running_job, *others])
+        assert spec_backoffs_sync()[SPEC] - started == pytest.approx(2.0, abs=1.0)  # one failure: the base delay
+    finally:
+        spec_backoff_clear(spec=SPEC)
+
+
 def test_a_queued_job_past_its_deadline_times_out(running_job: Job) -> None:
     advertise("w-live", [str(running_job.pk)])
     Job.objects.filter(pk=running_job.pk).update(status=JobStatus.QUEUED, deadline_at=timezone.now())
