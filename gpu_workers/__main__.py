@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = engine_pool_start(args, specs, hardware, host)
 
     app = create_celery_app(broker_url=envs.REDIS_URL, main="farm-worker")
-    app.conf.include = ["tasks.inference"]
+    app.conf.update(include=["tasks.inference"], worker_send_task_events=envs.FARM_INFER_TASK_EVENTS)
     import tasks.inference  # noqa: F401  (registers the task on this app)
 
     worker_runtime = runtime.WorkerRuntime(
