@@ -11,6 +11,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings.django")
 import orjson
 from django.core.asgi import get_asgi_application
 
+from api.disconnects import DisconnectWatch
 from api.middleware import RequestIdASGI
 from settings import env
 
@@ -127,12 +128,14 @@ class BodySizeLimit:
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 application = RequestIdASGI(
-    BodySizeLimit(  # the request id goes on every response, this guard's 413 included
-        get_asgi_application(),
-        env.FARM_MAX_BODY_BYTES,
-        streamed={
-            "/v1/files": env.FARM_MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES,
-            "/api/job-artifacts": env.FARM_MAX_ARTIFACT_BYTES + UPLOAD_OVERHEAD_BYTES,
-        },  # fine-tuned adapters
+    DisconnectWatch(  # a stream's job is canceled the moment its client leaves
+        BodySizeLimit(  # the request id goes on every response, this guard's 413 included
+            get_asgi_application(),
+            env.FARM_MAX_BODY_BYTES,
+            streamed={
+                "/v1/files": env.FARM_MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES,
+                "/api/job-artifacts": env.FARM_MAX_ARTIFACT_BYTES + UPLOAD_OVERHEAD_BYTES,
+            },  # fine-tuned adapters
+        )
     )
 )

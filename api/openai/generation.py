@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from api.auth import authenticate
 from api.body import json_body, validate
+from api.disconnects import on_client_disconnect
 from api.openai.sampling import SamplingRequest
 from farm import jobs
 from farm.api_keys import KeyPrincipal, api_key_check_request
@@ -111,11 +112,22 @@ async def _event_stream(
     sub: Submission, shaper: Shaper, include_usage: bool, events: AsyncIterator[StreamEvent], reservation: Reservation
 ) -> AsyncIterator[bytes]:
     streamed = _Streamed()
+    abandoned = False
+
+    def abandon() -> None:
+        nonlocal abandoned
+        if not abandoned:
+            abandoned = True
+            _cancel_abandoned(sub, reservation, streamed.tokens)
+
+    # Two ways to learn that the client left: the ASGI layer's disconnect message (always, at once), and Django
+    # cancelling or closing this generator (only when the cancellation lands in it: see `api.disconnects`).
+    unregister = on_client_disconnect(abandon)
     try:
         async for chunk in _sse_chunks(sub, shaper, include_usage, events, reservation, streamed=streamed):
             yield chunk
     except (GeneratorExit, asyncio.CancelledError):  # the client disconnected
-        _cancel_abandoned(sub, reservation, streamed.tokens)
+        abandon()
         raise
     except (RedisError, DatabaseError) as exc:  # the job goes on; this stream cannot
         log.warning("stream of job %s broken: %s", sub.job_id, exc)
@@ -131,6 +143,8 @@ async def _event_stream(
             }
         )
         yield b"data: [DONE]\n\n"
+    finally:
+        unregister()
 
 
 async def _sse_chunks(
