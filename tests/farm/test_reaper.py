@@ -33,20 +33,26 @@ def running_job() -> Iterator[Job]:
     owner = get_user_model().objects.create(username="reaper-owner")
     model = model_upsert(name="reaper-test-model")
     spec = spec_upsert(model=model, name=SPEC, engine="vllm-cpu")
+    job = running_since_a_lease(owner_id=owner.pk, model_id=model.pk, spec_id=spec.pk)
+    yield job
+    client.delete(redis_keys.REAPER_SUSPECTS, queues.infer_queue(SPEC), redis_keys.worker("w-live"))
+    client.srem(redis_keys.WORKERS_SET, "w-live")
+
+
+def running_since_a_lease(*, owner_id: int, model_id: int, spec_id: int) -> Job:
+    """A job that worker `w-live` reported running two leases ago."""
     job = job_create(
-        owner_id=owner.pk,
+        owner_id=owner_id,
         api_key_id=None,
         kind=JobKind.CHAT,
-        model_id=model.pk,
-        spec_id=spec.pk,
+        model_id=model_id,
+        spec_id=spec_id,
         request={"messages": [{"role": "user", "content": "hi"}]},
         deadline_at=timezone.now() + timedelta(minutes=5),
     )
     assert job_apply_event(job_id=str(job.pk), attempt=1, kind=JobStatus.RUNNING, worker_id="w-live", detail={})
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=2 * LEASE_S))
-    yield job
-    client.delete(redis_keys.REAPER_SUSPECTS, queues.infer_queue(SPEC), redis_keys.worker("w-live"))
-    client.srem(redis_keys.WORKERS_SET, "w-live")
+    return job
 
 
 def advertise(worker_id: str, running_jobs: list[str]) -> None:
@@ -119,22 +125,9 @@ def test_a_silent_worker_backs_its_spec_off_once_however_many_jobs_it_held(runni
 
     spec_backoff_clear(spec=SPEC)
     others = [
-        job_create(
-            owner_id=running_job.owner_id,
-            api_key_id=None,
-            kind=JobKind.CHAT,
-            model_id=running_job.model_id,
-            spec_id=running_job.spec_id,
-            request={"messages": [{"role": "user", "content": "hi"}]},
-            deadline_at=timezone.now() + timedelta(minutes=5),
-        )
+        running_since_a_lease(owner_id=running_job.owner_id, model_id=running_job.model_id, spec_id=running_job.spec_id)
         for _ in range(5)
     ]
-    for job in others:
-        assert job_apply_event(job_id=str(job.pk), attempt=1, kind=JobStatus.RUNNING, worker_id="w-live", detail={})
-    Job.objects.filter(pk__in=[job.pk for job in others]).update(
-        started_at=timezone.now() - timedelta(seconds=2 * LEASE_S)
-    )
     started = time.time()
     try:
         report = jobs_reap(lease_s=LEASE_S)
