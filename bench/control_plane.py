@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -42,7 +43,7 @@ import aiohttp
 import orjson
 import psutil
 
-from bench.arms import free_port, http_status
+from bench.arms import cpu_delta, cpu_snapshot, free_port, http_status
 from bench.private_farm import PrivateFarm, fresh_database
 from bench.report import percentile
 
@@ -193,6 +194,31 @@ def ms(values: list[float], q: float) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+def cpu_now(farm: PrivateFarm, *, postgres: bool) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process a request costs, by pid with its role: the farm's children with their
+    descendants (vLLM or not), the bench's own client process, and with `postgres` the machine's PostgreSQL server
+    (its postmaster and every backend under it)."""
+    roots = {name: child.pid for name, child in farm.children.items()}
+    if postgres:
+        for process in psutil.process_iter(["name", "ppid"]):
+            if process.info["name"] == "postgres" and psutil.Process(process.info["ppid"]).name() != "postgres":
+                roots["postgres"] = process.pid
+    return {**cpu_snapshot({"bench-client": os.getpid()}, descendants=False), **cpu_snapshot(roots)}
+
+
+def cpu_per_request(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], requests: int
+) -> dict[str, float]:
+    """CPU ms per request by role (a worker's vLLM children, if any, count as the worker), and their total."""
+    spent: dict[str, float] = {}
+    for role, seconds in cpu_delta(before, after).items():
+        name = role.split("/")[0]
+        spent[name] = spent.get(name, 0.0) + seconds
+    figures = {name: round(seconds * 1000 / max(1, requests), 2) for name, seconds in sorted(spent.items())}
+    figures["total"] = round(sum(figures.values()), 2)
+    return figures
+
+
 def level_figures(farm: PrivateFarm, results: list[Timed], elapsed: float) -> dict[str, Any]:
     ok = [r for r in results if r.error is None and r.job_id]
     ids = [r.job_id for r in ok if r.job_id]
@@ -250,6 +276,18 @@ async def open_streams(farm: PrivateFarm, client: Client, *, count: int, tokens:
     }
 
 
+async def ready_client(farm: PrivateFarm) -> Client:
+    """A client of `farm` once it is ready and has answered one request."""
+    while await http_status(f"{farm.base_url}/readyz") != 200:
+        farm.check_alive()
+        await asyncio.sleep(0.5)
+    client = Client(farm.base_url, farm.api_key, farm.model_name)
+    while (await client.send(stream=False, max_tokens=1)).error:
+        farm.check_alive()
+        await asyncio.sleep(0.5)
+    return client
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = ROOT / ".farm" / "bench-null-model"  # the null engine reads no weights; the farm wants a path
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -278,17 +316,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     farm.start()
     client: Client | None = None
     try:
-        while await http_status(f"{farm.base_url}/readyz") != 200:
-            farm.check_alive()
-            await asyncio.sleep(0.5)
-        client = Client(farm.base_url, farm.api_key, farm.model_name)
-        while (await client.send(stream=False, max_tokens=1)).error:
-            farm.check_alive()
-            await asyncio.sleep(0.5)
+        client = await ready_client(farm)
         await closed_loop(client, concurrency=16, requests=100, stream=True, max_tokens=args.output_tokens)  # warm
         for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
             for mode in args.modes.split(","):
                 requests = args.requests or max(100, 4 * concurrency)
+                cpu_before = cpu_now(farm, postgres=bool(args.postgres))
                 timed, elapsed = await closed_loop(
                     client,
                     concurrency=concurrency,
@@ -296,7 +329,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     stream=mode == "stream",
                     max_tokens=args.output_tokens,
                 )
-                figures = {"concurrency": concurrency, "mode": mode, **level_figures(farm, timed, elapsed)}
+                cpu_ms = cpu_per_request(cpu_before, cpu_now(farm, postgres=bool(args.postgres)), len(timed))
+                figures = {
+                    "concurrency": concurrency,
+                    "mode": mode,
+                    **level_figures(farm, timed, elapsed),
+                    "cpu_ms_per_request": cpu_ms,
+                }
                 results["sweep"].append(figures)
                 print(json.dumps(figures), flush=True)
         if args.open_streams:
@@ -320,13 +359,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             farm.start()
-            while await http_status(f"{farm.base_url}/readyz") != 200:
-                farm.check_alive()
-                await asyncio.sleep(0.5)
-            client = Client(farm.base_url, farm.api_key, farm.model_name)
-            while (await client.send(stream=False, max_tokens=1)).error:
-                farm.check_alive()
-                await asyncio.sleep(0.5)
+            client = await ready_client(farm)
             results["streams"] = await open_streams(farm, client, count=args.open_streams, tokens=args.stream_tokens)
             print(json.dumps(results["streams"]), flush=True)
     finally:

@@ -235,31 +235,59 @@ def job_apply_event(*, job_id: str, attempt: int, kind: str, worker_id: str, det
 def job_apply_events(
     *, events: list[dict[str, Any]], apply_alone: Callable[[dict[str, Any]], None] | None = None
 ) -> int:
-    """Applies a worker's coalesced events (`job_apply_event` keywords) in order, each in its own transaction: one
-    transaction for all of them would lock many job rows at once and deadlock against a batch cancel locking them
-    in another order (seen: PostgreSQL aborted the cancel, a 503). An event that raises is handed to `apply_alone`
-    (its own retried task) and the others still land; without `apply_alone`, and on a lost database connection, it
-    raises and the whole message is retried (events are idempotent). Batches whose line jobs ended get a tick.
-    Returns how many events moved a job."""
+    """Applies a worker's coalesced events (`job_apply_event` keywords) in order. Consecutive starts and successes of
+    inference jobs go together, in one transaction (`farm.job_events`); every other event in its own. One
+    transaction for all of them, in arrival order, would lock many job rows at once and deadlock against a batch
+    cancel locking them in another order (seen: PostgreSQL aborted the cancel, a 503); both lock in id order now.
+    An event that raises is handed to `apply_alone` (its own retried task) and the others still land; without
+    `apply_alone`, and on a lost database connection, it raises and the whole message is retried (events are
+    idempotent). Batches whose line jobs ended get a tick. Returns how many events moved a job."""
     from farm.batches import batch_jobs_ended
+    from farm.job_events import bulk_eligible, job_apply_event_run
 
     moved = 0
     ended: list[str] = []
-    for event in events:
-        try:
-            if not job_apply_event(**event):
+
+    def one_by_one(run: list[dict[str, Any]]) -> None:
+        nonlocal moved
+        for event in run:
+            try:
+                if not job_apply_event(**event):
+                    continue
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception:
+                if apply_alone is None:
+                    raise
+                log.exception("job %s: event %s failed; retrying it alone", event.get("job_id"), event.get("kind"))
+                apply_alone(event)
                 continue
+            moved += 1
+            if event["kind"] not in (JobStatus.RUNNING, USAGE_EVENT, *PROGRESS_EVENTS):
+                ended.append(event["job_id"])
+
+    start = 0
+    while start < len(events):
+        end = start
+        while end < len(events) and bulk_eligible(events[end]):
+            end += 1
+        if end == start:  # not for a bulk run: alone
+            one_by_one(events[start : start + 1])
+            start += 1
+            continue
+        run = events[start:end]
+        start = end
+        try:
+            applied = job_apply_event_run(events=run)
         except (OperationalError, InterfaceError):
             raise
-        except Exception:
-            if apply_alone is None:
-                raise
-            log.exception("job %s: event %s failed; retrying it alone", event.get("job_id"), event.get("kind"))
-            apply_alone(event)
+        except Exception:  # whatever it was, the one-by-one path applies (or hands on) each event
+            log.exception("a bulk run of %d job events failed; applying them one by one", len(run))
+            one_by_one(run)
             continue
-        moved += 1
-        if event["kind"] not in (JobStatus.RUNNING, USAGE_EVENT, *PROGRESS_EVENTS):
-            ended.append(event["job_id"])
+        moved += applied.moved
+        ended += applied.ended
+        one_by_one(applied.alone)
     if ended:  # a batch line may have ended: its batch gets a tick
         batch_jobs_ended(job_ids=ended)
     return moved

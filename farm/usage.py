@@ -28,29 +28,49 @@ def usage_record(*, job_id: str) -> bool:
     if job is None or job["api_key_id"] is None or job["finished_at"] is None:
         return False
     counts = job["usage"] or {}
-    prompt, completion = int(counts.get("prompt_tokens") or 0), int(counts.get("completion_tokens") or 0)
-    key = {
-        "api_key_id": job["api_key_id"],
-        "model": job["model__name"] or "",
-        "day": job["finished_at"].astimezone(UTC).date(),
-    }
+    usage_add(
+        api_key_id=job["api_key_id"],
+        owner_id=job["owner_id"],
+        model=job["model__name"] or "",
+        day=job["finished_at"].astimezone(UTC).date(),
+        requests=1,
+        prompt_tokens=int(counts.get("prompt_tokens") or 0),
+        completion_tokens=int(counts.get("completion_tokens") or 0),
+    )
+    return True
+
+
+def usage_add(
+    *,
+    api_key_id: int,
+    owner_id: int,
+    model: str,
+    day: date,
+    requests: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> None:
+    """Adds to the (key, model, day) row, creating it on the day's first job. Concurrently safe: an UPDATE ... SET
+    n = n + x is atomic, and a racing first INSERT loses to the unique constraint and adds instead."""
+    key = {"api_key_id": api_key_id, "model": model, "day": day}
     increments = {
-        "requests": F("requests") + 1,
-        "prompt_tokens": F("prompt_tokens") + prompt,
-        "completion_tokens": F("completion_tokens") + completion,
+        "requests": F("requests") + requests,
+        "prompt_tokens": F("prompt_tokens") + prompt_tokens,
+        "completion_tokens": F("completion_tokens") + completion_tokens,
     }
-    # An UPDATE ... SET n = n + x is atomic; the first job of the day inserts, and a racing insert loses to the
-    # unique constraint and adds instead.
     if Usage.objects.filter(**key).update(**increments):
-        return True
+        return
     try:
         with transaction.atomic():
             Usage.objects.create(
-                **key, owner_id=job["owner_id"], requests=1, prompt_tokens=prompt, completion_tokens=completion
+                **key,
+                owner_id=owner_id,
+                requests=requests,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
             )
     except IntegrityError:
         Usage.objects.filter(**key).update(**increments)
-    return True
 
 
 def usage_list(*, owner_id: int, start: date, end: date, model: str | None = None) -> QuerySet[Usage]:

@@ -69,6 +69,9 @@ class JobEventPublisher:
         self._app.send_task(
             queues.JOB_EVENTS_TASK.name,
             kwargs={"events": events},
+            # Celery would otherwise repr the whole event list for Flower (up to 1 KiB, walked in Python).
+            argsrepr="()",
+            kwargsrepr=f"{{'events': <{len(events)} from {self._worker_id}>}}",
             queue=self._queue,
             retry=True,
             retry_policy=_RETRY_POLICY,

@@ -11,10 +11,16 @@ from farm import queues
 
 log = logging.getLogger(__name__)
 
+# Job events are the control worker's high-volume traffic (one or two messages per request): Celery's task events
+# for them (three broker messages each, read only by Flower's task views) cost more CPU than applying them. Flower
+# still lists the control worker and its other tasks; every job's own history is its events in the admin.
+SEND_JOB_EVENT_TASK_EVENTS = False
+
 
 @shared_task(
     name=queues.JOB_EVENT_TASK.name,
     acks_late=True,
+    send_events=SEND_JOB_EVENT_TASK_EVENTS,
     ignore_result=True,
     autoretry_for=(Exception,),
     retry_backoff=True,
@@ -35,6 +41,7 @@ def job_event(*, job_id: str, attempt: int, kind: str, worker_id: str, detail: d
 @shared_task(
     name=queues.JOB_EVENTS_TASK.name,
     acks_late=True,
+    send_events=SEND_JOB_EVENT_TASK_EVENTS,
     ignore_result=True,
     autoretry_for=(Exception,),
     retry_backoff=True,
