@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -196,9 +196,13 @@ def batch_kick(*, batch_id: str, countdown: float = 0.0) -> None:
 
 def batch_jobs_ended(*, job_ids: list[str]) -> None:
     """Jobs reached a terminal state: each batch running some of them as lines gets a tick shortly (one query)."""
-    batch_ids = set(BatchLine.objects.filter(job_id__in=job_ids).values_list("batch_id", flat=True))
+    batch_lines_ended(batch_ids=set(BatchLine.objects.filter(job_id__in=job_ids).values_list("batch_id", flat=True)))
+
+
+def batch_lines_ended(*, batch_ids: Iterable[Any]) -> None:
+    """Line jobs of these batches ended: each batch gets a tick shortly (one for many lines)."""
     for batch_id in batch_ids:
-        batch_kick(batch_id=batch_id, countdown=TICK_DEBOUNCE_S)
+        batch_kick(batch_id=str(batch_id), countdown=TICK_DEBOUNCE_S)
 
 
 def batches_sweep() -> int:

@@ -242,11 +242,12 @@ def job_apply_events(
     An event that raises is handed to `apply_alone` (its own retried task) and the others still land; without
     `apply_alone`, and on a lost database connection, it raises and the whole message is retried (events are
     idempotent). Batches whose line jobs ended get a tick. Returns how many events moved a job."""
-    from farm.batches import batch_jobs_ended
+    from farm.batches import batch_jobs_ended, batch_lines_ended
     from farm.job_events import bulk_eligible, job_apply_event_run
 
     moved = 0
     ended: list[str] = []
+    ended_batches: set[str] = set()  # found by the bulk runs themselves
 
     def one_by_one(run: list[dict[str, Any]]) -> None:
         nonlocal moved
@@ -286,10 +287,12 @@ def job_apply_events(
             one_by_one(run)
             continue
         moved += applied.moved
-        ended += applied.ended
+        ended_batches.update(applied.batch_ids)
         one_by_one(applied.alone)
     if ended:  # a batch line may have ended: its batch gets a tick
         batch_jobs_ended(job_ids=ended)
+    if ended_batches:
+        batch_lines_ended(batch_ids=sorted(ended_batches))
     return moved
 
 

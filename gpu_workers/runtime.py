@@ -139,16 +139,24 @@ class WorkerRuntime:
 
     def claim(self, message: InferenceMessage) -> bool:
         """Atomically takes this job attempt; a redelivered or republished copy finds it taken."""
-        key = redis_keys.job_claim(message.job_id, message.attempt)
-        return bool(self.redis.set(key, self.worker_id, nx=True, ex=CLAIM_TTL_S))
+        return self.claim_unless_canceled(message)[0]
+
+    def claim_unless_canceled(self, message: InferenceMessage) -> tuple[bool, bool]:
+        """`claim`, and whether the job was canceled meanwhile, in one round trip: (claimed, canceled)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(redis_keys.job_claim(message.job_id, message.attempt), self.worker_id, nx=True, ex=CLAIM_TTL_S)
+            pipe.exists(redis_keys.job_cancel(message.job_id))
+            claimed, canceled = pipe.execute()
+        return bool(claimed), bool(canceled)
 
     def run_inference(self, message: InferenceMessage) -> Outcome | None:
         """Runs one job attempt to an outcome and reports it; None when another delivery already owns it."""
-        if not self.claim(message):
+        claimed, canceled = self.claim_unless_canceled(message)
+        if not claimed:
             log.info("job %s attempt %d already claimed: duplicate delivery ignored", message.job_id, message.attempt)
             return None
         send = self.events.send
-        if self.redis.exists(redis_keys.job_cancel(message.job_id)):
+        if canceled:
             log.info("job %s was canceled before it started", message.job_id)
             return Outcome(status="canceled")
         if self.status != "ready":  # draining or quarantined: hand it straight back

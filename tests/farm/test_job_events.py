@@ -236,6 +236,22 @@ def test_a_bulk_success_releases_the_jobs_waiting_on_it(key: ApiKey, django_capt
 
 
 @pytest.mark.django_db
+def test_a_batch_whose_line_job_ended_in_bulk_gets_a_tick(key: ApiKey) -> None:
+    from farm import redis_keys
+    from farm.models import Batch, BatchLine
+
+    job_ids = new_jobs(key, 2)
+    batch = Batch.objects.create(owner_id=key.owner_id, endpoint="/v1/chat/completions", input_file_id="file-x")
+    BatchLine.objects.create(batch=batch, index=0, custom_id="line-0", kind=JobKind.CHAT, model="m", job_id=job_ids[0])
+    sync_redis().delete(redis_keys.batch_tick_pending(batch.pk))
+    try:
+        job_apply_events(events=[event(JobStatus.SUCCEEDED, j, result=RESULT, usage=USAGE) for j in job_ids])
+        assert sync_redis().exists(redis_keys.batch_tick_pending(batch.pk))
+    finally:
+        sync_redis().delete(redis_keys.batch_tick_pending(batch.pk))
+
+
+@pytest.mark.django_db
 def test_a_failing_run_falls_back_to_one_event_at_a_time(key: ApiKey, monkeypatch) -> None:
     import farm.job_events
 
