@@ -24,18 +24,21 @@ _BLOCK_S = 2.0
 LOST_STREAM_CHECK_S = 5.0
 
 
-async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[StreamEvent]:
-    """Yields the job's deltas (and `Restart`s of retried attempts) and ends with its `End` or `Failure`; a 504
-    `Failure` if nothing ends it in time."""
+async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[list[StreamEvent]]:
+    """The job's stream as it arrives, one non-empty list per read: deltas (and `Restart`s of retried attempts),
+    ending with its `End` or `Failure`; a 504 `Failure` if nothing ends it in time. A reader that writes what it
+    reads (SSE) sends each list in one write: under load a read returns many tokens at once."""
     client = async_redis()
     key = redis_keys.job_stream(job_id)
     last_id = "0-0"
-    sent = ""  # text of the current attempt yielded so far
+    sent = ""  # text of the current attempt read so far
     check_at = time.time() + LOST_STREAM_CHECK_S
     while True:
         remaining = deadline + GRACE_S - time.time()
         if remaining <= 0:
-            yield Failure(504, "timeout_error", "deadline_exceeded", "The request did not finish before its deadline.")
+            yield [
+                Failure(504, "timeout_error", "deadline_exceeded", "The request did not finish before its deadline.")
+            ]
             return
         try:
             reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, _BLOCK_S) * 1000)), count=512)
@@ -45,17 +48,27 @@ async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[St
             check_at = time.time() + LOST_STREAM_CHECK_S
             ended = None if await client.exists(key) else await run_db(job_row_outcome, job_id)
             if ended is not None:
-                for event in _rest_of(sent, *ended):
-                    yield event
+                yield _rest_of(sent, *ended)
                 return
+        batch: list[StreamEvent] = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 last_id = entry_id
                 event = stream_format.decode(fields[_FIELD])
-                yield event
+                batch.append(event)
                 if isinstance(event, End | Failure):
+                    yield batch
                     return
                 sent = "" if isinstance(event, Restart) else sent + event.text
+        if batch:
+            yield batch
+
+
+async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[StreamEvent]:
+    """`job_stream_batches`, one event at a time."""
+    async for batch in job_stream_batches(job_id, deadline=deadline):
+        for event in batch:
+            yield event
 
 
 def _rest_of(sent: str, text: str, final: End | Failure) -> list[StreamEvent]:

@@ -6,6 +6,7 @@ Each family supplies a `Shaper` that turns stream events into its OpenAI chunk a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from farm.api_keys import KeyPrincipal, api_key_check_request
 from farm.db import run_db
 from farm.errors import FarmError
 from farm.inference import Submission, inference_submit
-from farm.job_streams import job_collect, job_stream_events
+from farm.job_streams import job_collect, job_stream_batches
 from farm.jobs import job_cancel
 from farm.metrics import TOKENS, TTFT
 from farm.models import JobStatus
@@ -109,7 +110,11 @@ def _cancel_abandoned(sub: Submission, reservation: Reservation, streamed_tokens
 
 
 async def _event_stream(
-    sub: Submission, shaper: Shaper, include_usage: bool, events: AsyncIterator[StreamEvent], reservation: Reservation
+    sub: Submission,
+    shaper: Shaper,
+    include_usage: bool,
+    batches: AsyncIterator[list[StreamEvent]],
+    reservation: Reservation,
 ) -> AsyncIterator[bytes]:
     streamed = _Streamed()
     abandoned = False
@@ -124,7 +129,7 @@ async def _event_stream(
     # cancelling or closing this generator (only when the cancellation lands in it: see `api.disconnects`).
     unregister = on_client_disconnect(abandon)
     try:
-        async for chunk in _sse_chunks(sub, shaper, include_usage, events, reservation, streamed=streamed):
+        async for chunk in _sse_chunks(sub, shaper, include_usage, batches, reservation, streamed=streamed):
             yield chunk
     except (GeneratorExit, asyncio.CancelledError):  # the client disconnected
         abandon()
@@ -147,77 +152,98 @@ async def _event_stream(
         unregister()
 
 
+_WORKER_LOST = {
+    "error": {
+        "message": "The worker serving this stream was lost; the job is being retried and its result will be in "
+        "GET /v1/jobs/{id}.",
+        "type": "server_error",
+        "param": None,
+        "code": "worker_lost",
+    }
+}
+_DONE = b"data: [DONE]\n\n"
+
+
 async def _sse_chunks(
     sub: Submission,
     shaper: Shaper,
     include_usage: bool,
-    events: AsyncIterator[StreamEvent],
+    batches: AsyncIterator[list[StreamEvent]],
     reservation: Reservation,
     *,
     streamed: _Streamed,
 ) -> AsyncIterator[bytes]:
+    """One write per batch of events read together (`job_stream_batches`): under load a read holds many tokens, and
+    each ASGI send costs more than its bytes (BENCHMARKS.md, 2026-12-02)."""
     first = True
-    async for event in events:
-        if isinstance(event, Restart):
-            if first:  # nothing sent yet: the retry is invisible to the client
-                continue
-            yield _sse(
-                {
-                    "error": {
-                        "message": "The worker serving this stream was lost; the job is being retried and "
-                        "its result will be in GET /v1/jobs/{id}.",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "worker_lost",
-                    }
-                }
-            )
-            break
-        if isinstance(event, Delta):
-            streamed.tokens += event.tokens
-            yield _sse(
-                {
-                    **shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
-                    **({"usage": None} if include_usage else {}),
-                }
-            )
-            first = False
-        elif isinstance(event, End):
-            TOKENS.labels(model=sub.model).inc(event.completion_tokens)
-            await _settle(reservation, event)
-            yield _sse(
-                {
-                    **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
-                    **({"usage": None} if include_usage else {}),
-                }
-            )
-            if include_usage:
-                yield _sse(
-                    {
-                        **shaper.chunk(sub, text=None, finish_reason=None, first=False),
-                        "choices": [],
-                        "usage": usage(event),
-                    }
+    async for batch in batches:
+        parts: list[bytes] = []
+        for event in batch:
+            if isinstance(event, Restart):
+                if first:  # nothing sent yet: the retry is invisible to the client
+                    continue
+                yield b"".join([*parts, _sse(_WORKER_LOST), _DONE])
+                return
+            if isinstance(event, Delta):
+                streamed.tokens += event.tokens
+                parts.append(
+                    _sse(
+                        {
+                            **shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
+                            **({"usage": None} if include_usage else {}),
+                        }
+                    )
                 )
-        else:
-            if event.code == "deadline_exceeded":
-                await _mark_timed_out(sub)
-            error = failure_error(event)
-            yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
-    yield b"data: [DONE]\n\n"
+                first = False
+            elif isinstance(event, End):
+                TOKENS.labels(model=sub.model).inc(event.completion_tokens)
+                await _settle(reservation, event)
+                parts.append(
+                    _sse(
+                        {
+                            **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
+                            **({"usage": None} if include_usage else {}),
+                        }
+                    )
+                )
+                if include_usage:
+                    parts.append(
+                        _sse(
+                            {
+                                **shaper.chunk(sub, text=None, finish_reason=None, first=False),
+                                "choices": [],
+                                "usage": usage(event),
+                            }
+                        )
+                    )
+            else:
+                if event.code == "deadline_exceeded":
+                    await _mark_timed_out(sub)
+                error = failure_error(event)
+                parts.append(
+                    _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
+                )
+        if batch and isinstance(batch[-1], End | Failure):  # the stream's last batch: its end goes in the same write
+            yield b"".join([*parts, _DONE])
+            return
+        if parts:
+            yield b"".join(parts)
+    yield _DONE
 
 
-async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
-    async for event in events:
-        if not isinstance(event, Restart):
-            return event
-    raise AssertionError("job stream ended without a final event")  # job_stream_events always ends with one
+async def _first_batch(batches: AsyncIterator[list[StreamEvent]]) -> list[StreamEvent]:
+    """The first batch that holds more than retries (their `Restart`s dropped: nothing was sent before them)."""
+    async for batch in batches:
+        events = list(itertools.dropwhile(lambda event: isinstance(event, Restart), batch))
+        if events:
+            return events
+    raise AssertionError("job stream ended without a final event")  # job_stream_batches always ends with one
 
 
-async def _prepend(head: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+async def _prepend(head: list[StreamEvent], rest: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[list[StreamEvent]]:
     yield head
-    async for event in rest:
-        yield event
+    async for batch in rest:
+        yield batch
 
 
 async def _settle(reservation: Reservation, end: End | None) -> None:
@@ -290,15 +316,15 @@ async def _generate(
     if params.stream:
         # Wait for the first event before answering, so an error that comes before any token (context too long,
         # no capacity, deadline) gets its own HTTP status instead of a 200 with an error event.
-        events = job_stream_events(sub.job_id, deadline=sub.deadline)
-        head = await _first_event(events)
-        if isinstance(head, Failure):
-            if head.code == "deadline_exceeded":
+        batches = job_stream_batches(sub.job_id, deadline=sub.deadline)
+        head = await _first_batch(batches)
+        if isinstance(head[0], Failure):
+            if head[0].code == "deadline_exceeded":
                 await _mark_timed_out(sub)
-            raise failure_error(head)
+            raise failure_error(head[0])
         TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
         response = StreamingHttpResponse(
-            _event_stream(sub, shaper, params.include_usage, _prepend(head, events), reservation),
+            _event_stream(sub, shaper, params.include_usage, _prepend(head, batches), reservation),
             content_type="text/event-stream",
         )
         response["Cache-Control"] = "no-cache"
