@@ -178,10 +178,18 @@ def engine_pool_start(
     return engines
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging_add_request_id()  # lines written for a job carry its request's x-request-id
+    # Celery's own two INFO lines per task ("Task ... received", "... succeeded in 0.01s: None") name only the task
+    # id; `tasks.inference` logs each job's start and outcome with its job and request ids. Their failures still log.
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging_add_request_id()  # lines written for a job carry its request's x-request-id
+    configure_logging(args.loglevel)
     if args.train:
         from gpu_workers.train_worker import run_training_worker
 
