@@ -8,8 +8,9 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings.django")
 
+import django
 import orjson
-from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
 
 from api.disconnects import DisconnectWatch
 from api.middleware import RequestIdASGI
@@ -124,13 +125,39 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+# Async views whose only thread work is Django's own per-request bookkeeping (the request signals' sync receivers,
+# `response.close`): the hot path of the farm.
+SHARED_THREAD_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
+class FarmASGIHandler(ASGIHandler):
+    """Django's ASGI handler, but the generation endpoints run outside a per-request `ThreadSensitiveContext`.
+
+    Inside one, every thread-sensitive `sync_to_async` of a request (Django's signals and `response.close`, at least
+    two per request) goes to an executor made for that request, that is, a new thread per request. Outside it they
+    go to asgiref's one shared thread, which only ever runs that bookkeeping here: the views are async and their ORM
+    work runs on `farm.db`'s pool. Every other path (the admin, DRF's sync views, uploads) keeps Django's own
+    isolation."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") in SHARED_THREAD_PATHS:
+            await self.handle(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _django_application() -> ASGIHandler:
+    django.setup(set_prefix=False)  # what `get_asgi_application` does before building its handler
+    return FarmASGIHandler()
+
+
 # Multipart framing around an uploaded file is small; the file's own size is checked exactly by `farm.files`.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 application = RequestIdASGI(
     DisconnectWatch(  # a stream's job is canceled the moment its client leaves
         BodySizeLimit(  # the request id goes on every response, this guard's 413 included
-            get_asgi_application(),
+            _django_application(),
             env.FARM_MAX_BODY_BYTES,
             streamed={
                 "/v1/files": env.FARM_MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES,
