@@ -12,6 +12,8 @@ Phases:
              queue  job row -> first token in the job's Redis stream (commit, publish, broker, worker receive,
                     claim, engine submit, first write; the stream entry id is Redis' own clock in ms)
              out    first token in Redis -> first content byte at the client (XREAD, SSE)
+           and the CPU every process spent during the level, per request (API, control worker, worker, Valkey,
+           PostgreSQL's server with `--postgres`, the bench's own client): what the 2 cores' budget goes to
   streams  --open-streams N concurrent SSE streams held open on ONE API process (the null engine emits a token
            every --token-interval s): errors, and the API process' peak RSS.
 
@@ -387,8 +389,12 @@ def table(results: dict[str, Any]) -> str:
         "out_p50_ms",
         "out_p99_ms",
     ]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(row.get(c)) for c in cols) + " |" for row in results["sweep"]]
+    roles = ["api", "control", "worker", "postgres", "redis", "bench-client", "total"]
+    lines = ["| " + " | ".join([*cols, "CPU ms/request: " + " / ".join(roles)]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for row in results["sweep"]:
+        cpu = row.get("cpu_ms_per_request", {})
+        cells = [str(row.get(c)) for c in cols] + [" / ".join(str(cpu.get(role, "-")) for role in roles)]
+        lines.append("| " + " | ".join(cells) + " |")
     if results["streams"]:
         lines += [
             "",
