@@ -23,7 +23,21 @@ _executor = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="farm-d
 async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()  # the request id (farm.request_ids) follows the call into the pool
-    return await loop.run_in_executor(_executor, functools.partial(context.run, fn, *args, **kwargs))
+    return await loop.run_in_executor(_executor, functools.partial(context.run, _dropping_broken, fn, *args, **kwargs))
+
+
+def _dropping_broken(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Runs `fn`; if the database connection failed under it, the thread's connection is dropped when it is no longer
+    usable, so the next call reconnects (after an outage the pool recovers by itself). Nothing else checks these
+    persistent connections: Django does it per request, in the request's own thread, not in this pool."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    try:
+        return fn(*args, **kwargs)
+    except (OperationalError, InterfaceError):
+        for connection in connections.all(initialized_only=True):
+            connection.close_if_unusable_or_obsolete()
+        raise
 
 
 def close_pool_connections() -> None:
