@@ -27,6 +27,7 @@ def break_connection() -> None:
 def test_a_pool_thread_whose_connection_broke_reconnects_on_its_next_call() -> None:
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL: SQLite is a file, there is no connection to lose")
+
     async def scenario() -> list[str]:
         outcomes = []
         for _ in range(POOL_SIZE):  # every pool thread's connection
