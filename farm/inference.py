@@ -100,7 +100,7 @@ def _create_and_publish(
 ) -> str:
     spec_id = next(s.id for s in model.specs if s.name == spec_name)
     # One INSERT, committed on its own (autocommit): a transaction around it only added two round trips.
-    job = jobs.job_create(
+    job_id = jobs.job_insert_queued(
         owner_id=principal.owner_id,
         api_key_id=principal.key_id,
         kind=kind,
@@ -110,7 +110,6 @@ def _create_and_publish(
         deadline_at=datetime.fromtimestamp(deadline, tz=UTC),
         request_id=request_id,
     )
-    job_id = str(job.pk)
     log.info("job %s queued on %s for key %s", job_id, spec_name, principal.prefix)
     try:
         adapter = None

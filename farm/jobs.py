@@ -7,14 +7,16 @@ late event cannot move a job twice, and a terminal state is never left (a databa
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -93,6 +95,72 @@ def job_create(
     if depends_on:
         job.depends_on.set(depends_on)
     return job
+
+
+@functools.cache
+def _queued_insert_sql(vendor: str) -> str:
+    """`INSERT INTO farm_job (every column) VALUES (...)` for `job_insert_queued`, per database vendor."""
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    columns = ", ".join(quote(field.column) for field in Job._meta.concrete_fields)
+    return f"INSERT INTO {quote(Job._meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(_JOB_FIELDS))})"
+
+
+_JOB_FIELDS = tuple(field.name for field in Job._meta.concrete_fields)
+# What a new job's row holds in the columns a request does not set (the model's defaults, as `job_create` leaves them).
+_QUEUED_DEFAULTS = {
+    "status": JobStatus.QUEUED.value,
+    "attempt": 1,
+    "worker_id": "",
+    "result": None,
+    "usage": None,
+    "error": None,
+    "started_at": None,
+    "finished_at": None,
+}
+# Columns whose values need their field's database adapter (the others are ints, strings and NULLs as they are).
+_ADAPTED = frozenset(("id", "request", "created_at", "deadline_at", "dispatched_at"))
+
+
+def job_insert_queued(
+    *,
+    owner_id: int,
+    api_key_id: int | None,
+    kind: str,
+    model_id: int,
+    spec_id: int,
+    request: dict[str, Any],
+    deadline_at: datetime,
+    request_id: str = "",
+) -> str:
+    """`job_create` for the inference hot path: the same row (queued, attempt 1, dispatched now), written as one
+    INSERT without building a model instance; returns its id. The ORM's create cost ~250 us of the API's CPU per
+    request, this ~4x less (BENCHMARKS.md, 2026-12-02 evening): the column values still go through each field's
+    own database adapter, so the row is exactly what the ORM would write."""
+    now = timezone.now()
+    job_id = uuid.uuid4()
+    values = {
+        **_QUEUED_DEFAULTS,
+        "id": job_id,
+        "owner": owner_id,
+        "api_key": api_key_id,
+        "kind": kind,
+        "model": model_id,
+        "spec": spec_id,
+        "max_attempts": RETRY_POLICY.max_attempts,
+        "request": request,
+        "created_at": now,
+        "deadline_at": deadline_at,
+        "dispatched_at": now,
+        "request_id": request_id,
+    }
+    db = connections[DEFAULT_DB_ALIAS]  # one lookup of the thread's connection, not one per column
+    params = [
+        field.get_db_prep_save(values[field.name], db) if field.name in _ADAPTED else values[field.name]
+        for field in Job._meta.concrete_fields
+    ]
+    with db.cursor() as cursor:
+        cursor.execute(_queued_insert_sql(db.vendor), params)
+    return str(job_id)
 
 
 def _record(job_id: str, kind: str, attempt: int, worker_id: str, detail: dict[str, Any]) -> None:

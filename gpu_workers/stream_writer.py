@@ -2,7 +2,9 @@
 
 Each request's deltas arrive once per engine step; writing them one XADD at a time costs a round trip and an
 event-loop hop each, on the same thread (and GIL) as vLLM's output handler. Here they are queued and a single
-flusher sends everything pending in one pipeline, preserving each stream's order.
+flusher sends everything pending in one pipeline, preserving each stream's order. A request's deltas that pile up
+while a flush is in flight (the writer is behind the engine) go out as one entry: its reader then decodes and
+forwards one event instead of many, so a busy farm spends less per token exactly when it has the least to spare.
 """
 
 from __future__ import annotations
@@ -13,9 +15,29 @@ import logging
 import redis.asyncio as aioredis
 
 from farm import redis_keys, stream_format
-from farm.stream_format import StreamEvent
+from farm.stream_format import Delta, StreamEvent
 
 log = logging.getLogger(__name__)
+
+
+def merge_deltas(pending: list[tuple[str, StreamEvent, bool]]) -> list[tuple[str, StreamEvent, bool]]:
+    """`pending` (stream key, event, final) with each stream's consecutive deltas joined into one, every stream's
+    order kept. Entries of different streams never merge, and nothing merges across a non-delta event."""
+    merged: list[tuple[str, StreamEvent, bool]] = []
+    last_delta: dict[str, int] = {}  # stream key -> index in `merged` of its last entry, while that is a delta
+    for key, event, final in pending:
+        at = last_delta.get(key)
+        if isinstance(event, Delta) and at is not None and not final:
+            previous = merged[at][1]
+            assert isinstance(previous, Delta)
+            merged[at] = (key, Delta(previous.text + event.text, previous.tokens + event.tokens), False)
+            continue
+        if isinstance(event, Delta) and not final:
+            last_delta[key] = len(merged)
+        else:
+            last_delta.pop(key, None)
+        merged.append((key, event, final))
+    return merged
 
 
 class StreamWriter:
@@ -23,13 +45,13 @@ class StreamWriter:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._pending: list[tuple[str, bytes, bool]] = []  # (stream key, payload, expire after write)
+        self._pending: list[tuple[str, StreamEvent, bool]] = []  # (stream key, event, expire after write)
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def append(self, job_id: str, event: StreamEvent, *, final: bool = False) -> None:
-        self._pending.append((redis_keys.job_stream(job_id), stream_format.encode(event), final))
+        self._pending.append((redis_keys.job_stream(job_id), event, final))
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -52,8 +74,8 @@ class StreamWriter:
             try:
                 if batch:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for key, payload, final in batch:
-                            pipe.xadd(key, {stream_format.FIELD: payload})
+                        for key, event, final in merge_deltas(batch):
+                            pipe.xadd(key, {stream_format.FIELD: stream_format.encode(event)})
                             if final:
                                 pipe.expire(key, redis_keys.STREAM_TTL_S)
                         await pipe.execute()

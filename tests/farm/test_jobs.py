@@ -18,7 +18,7 @@ from farm import queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import Conflict, NotFound
 from farm.job_streams import job_stream_append
-from farm.jobs import job_apply_event, job_cancel, job_create, job_is_terminal
+from farm.jobs import job_apply_event, job_cancel, job_create, job_insert_queued, job_is_terminal
 from farm.models import TERMINAL_STATUSES, Job, JobEvent, JobKind, JobStatus
 from farm.redis_client import sync_redis
 
@@ -48,6 +48,32 @@ def job() -> Iterator[Job]:
     yield job
     job_id = str(job.pk)
     sync_redis().delete(queues.infer_queue(SPEC), redis_keys.job_stream(job_id), redis_keys.job_cancel(job_id))
+
+
+def test_the_hot_path_insert_writes_the_row_job_create_writes(job: Job) -> None:
+    """`job_insert_queued` (raw SQL, the inference hot path) and `job_create` (the ORM) make the same row: every
+    column but the id and the clocks, the JSON request and the deadline read back equal, on either database."""
+    request = {"messages": [{"role": "user", "content": "h\u00e9llo \U0001f600"}], "max_tokens": 7, "stop": ["x"]}
+    Job.objects.filter(pk=job.pk).update(request=request, request_id="req-123")
+    before = timezone.now()
+    job_id = job_insert_queued(
+        owner_id=job.owner_id,
+        api_key_id=None,
+        kind=JobKind.CHAT,
+        model_id=job.model_id,
+        spec_id=job.spec_id,
+        request=request,
+        deadline_at=job.deadline_at,
+        request_id="req-123",
+    )
+    inserted = Job.objects.get(pk=job_id)
+    created = Job.objects.get(pk=job.pk)
+    clocks = {"id", "created_at", "dispatched_at"}
+    fields = [f.attname for f in Job._meta.concrete_fields if f.name not in clocks]
+    assert {f: getattr(inserted, f) for f in fields} == {f: getattr(created, f) for f in fields}
+    assert inserted.status == JobStatus.QUEUED and inserted.attempt == 1 and inserted.request == request
+    assert before <= inserted.created_at == inserted.dispatched_at <= timezone.now()
+    assert job_apply_event(job_id=job_id, attempt=1, kind=JobStatus.RUNNING, worker_id="w1", detail={})
 
 
 def apply(job: Job, kind: str, *, attempt: int = 1, worker_id: str = "w1", **detail: Any) -> bool:
