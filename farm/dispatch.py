@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from farm import queues
+from farm.task_messages import task_push
 
 # Publishing retries for about 8 s (0.1 + 0.4 + 0.7 + 1 s x 7) before the caller is told the broker is down: a broker
 # restart (a second or two) then delays the requests that arrive meanwhile instead of failing them.
@@ -39,9 +41,7 @@ def inference_publish(
     """Sends the inference task to `infer.<spec>` (after `countdown` seconds, for retry backoff).
     `stream_tokens=False` when nobody reads the job's tokens as they come (batch lines): the worker then writes
     only the outcome, which saves a Redis write and an engine output per token."""
-    from farm.celery import app
-
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "job_id": job_id,
         "attempt": attempt,
         "spec": spec,
@@ -53,14 +53,27 @@ def inference_publish(
         kwargs["adapter"] = adapter
     if not stream_tokens:
         kwargs["stream_tokens"] = False
+    # What Flower and the logs show of the message; Celery's own repr of the request costs ~0.2 ms per publish.
+    kwargsrepr = f"{{'job_id': '{job_id}', 'attempt': {attempt}, 'spec': '{spec}'}}"
+    if not countdown and _redis_broker():  # the request path: the message pushed as Celery would push it
+        task_push(task=queues.INFER_TASK.name, queue=queues.infer_queue(spec), kwargs=kwargs, kwargsrepr=kwargsrepr)
+        return
+    from farm.celery import app
+
     app.send_task(
         queues.INFER_TASK.name,
         kwargs=kwargs,
-        # What Flower and the logs show of the message; Celery's own repr of the request costs ~0.2 ms per publish.
         argsrepr="()",
-        kwargsrepr=f"{{'job_id': '{job_id}', 'attempt': {attempt}, 'spec': '{spec}'}}",
+        kwargsrepr=kwargsrepr,
         queue=queues.infer_queue(spec),
         countdown=countdown or None,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
     )
+
+
+@functools.cache
+def _redis_broker() -> bool:
+    from settings import env
+
+    return env.REDIS_URL.split("://", 1)[0] in ("redis", "rediss")
