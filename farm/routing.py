@@ -111,6 +111,8 @@ def route_request(
     weighted = [spec for spec in healthy if spec.weight > 0]
     unsaturated = [spec for spec in weighted if not spec.saturated]
     pool = unsaturated or weighted
+    if len(pool) == 1:  # the common case (one spec per model): no draw
+        return pool[0]
     if pool:
         return (rng or random).choices(pool, weights=[spec.weight for spec in pool])[0]
     if healthy:  # only standbys are up: the least loaded one answers

@@ -1,5 +1,6 @@
-"""`api.asgi.FarmASGIHandler`: the generation endpoints run without a per-request `ThreadSensitiveContext` (no new
-thread per request for Django's own bookkeeping), every other path with one, and both still answer through Django."""
+"""`api.asgi.FarmASGIHandler`: the generation endpoints run on the event loop without a single thread hop (no
+`ThreadSensitiveContext`, no `sync_to_async` for Django's own bookkeeping), every other path as Django runs it, and
+both answer through Django's middleware and views: same headers, same error log lines."""
 
 from __future__ import annotations
 
@@ -56,13 +57,50 @@ def contexts(monkeypatch) -> list[str]:
     return entered
 
 
-@pytest.mark.parametrize("path", sorted(api.asgi.SHARED_THREAD_PATHS))
+@pytest.mark.parametrize("path", sorted(api.asgi.ON_THE_LOOP_PATHS))
 def test_generation_endpoints_answer_without_a_per_request_thread_context(path: str, contexts: list[str]) -> None:
     sent = drive(path)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = orjson.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert start["status"] == 401 and body["error"]["type"] == "authentication_error"  # Django's view answered
     assert contexts == []
+
+
+@pytest.fixture
+def thread_hops(monkeypatch) -> list[str]:
+    """What went through `sync_to_async` (a worker thread) while a request was handled."""
+    from asgiref.sync import SyncToAsync
+
+    hops: list[str] = []
+    original = SyncToAsync.__call__
+
+    async def counted(self: SyncToAsync, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncToAsync, "__call__", counted)
+    return hops
+
+
+@pytest.mark.parametrize("path", sorted(api.asgi.ON_THE_LOOP_PATHS))
+def test_generation_endpoints_make_no_thread_hop_and_keep_djangos_headers_and_logs(
+    path: str, thread_hops: list[str], caplog
+) -> None:
+    with caplog.at_level("WARNING", logger="django.request"):
+        sent = drive(path)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    assert start["status"] == 401
+    assert thread_hops == []
+    # What the middleware chain adds on Django's own path (security, clickjacking): the chain still ran.
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert any(record.getMessage() == f"Unauthorized: {path}" for record in caplog.records)
+
+
+def test_djangos_own_path_makes_thread_hops(thread_hops: list[str]) -> None:
+    """The contrast that makes the test above able to fail: Django's `handle` sends its signals through a thread."""
+    drive("/healthz", method="GET")
+    assert thread_hops
 
 
 def test_other_paths_keep_djangos_per_request_thread_context(contexts: list[str]) -> None:
