@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from farm import queues
-from farm.task_messages import task_push
+from farm.request_ids import request_id_bound
+from farm.task_messages import task_message, task_push_many
 
 # Publishing retries for about 8 s (0.1 + 0.4 + 0.7 + 1 s x 7) before the caller is told the broker is down: a broker
 # restart (a second or two) then delays the requests that arrive meanwhile instead of failing them.
@@ -26,6 +30,42 @@ def inference_adapter(*, job_id: str, attempt: int, name: str, lora_id: int, fil
     }
 
 
+@dataclass(frozen=True)
+class InferenceTask:
+    """One attempt of an inference job, as its worker receives it (`gpu_workers.inference.InferenceMessage`).
+    `stream_tokens=False` when nobody reads the job's tokens as they come (batch lines): the worker then writes
+    only the outcome, which saves a Redis write and an engine output per token."""
+
+    job_id: str
+    attempt: int
+    spec: str
+    kind: str
+    request: dict[str, Any]
+    deadline: float
+    adapter: dict[str, Any] | None = None
+    stream_tokens: bool = True
+    request_id: str | None = None  # the request id its message carries; None: the one bound now
+
+    def kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "spec": self.spec,
+            "kind": self.kind,
+            "request": self.request,
+            "deadline": self.deadline,
+        }
+        if self.adapter is not None:
+            kwargs["adapter"] = self.adapter
+        if not self.stream_tokens:
+            kwargs["stream_tokens"] = False
+        return kwargs
+
+    def kwargsrepr(self) -> str:
+        """What Flower and the logs show of the message; Celery's own repr of the request costs ~0.2 ms."""
+        return f"{{'job_id': '{self.job_id}', 'attempt': {self.attempt}, 'spec': '{self.spec}'}}"
+
+
 def inference_publish(
     *,
     job_id: str,
@@ -38,38 +78,52 @@ def inference_publish(
     adapter: dict[str, Any] | None = None,
     stream_tokens: bool = True,
 ) -> None:
-    """Sends the inference task to `infer.<spec>` (after `countdown` seconds, for retry backoff).
-    `stream_tokens=False` when nobody reads the job's tokens as they come (batch lines): the worker then writes
-    only the outcome, which saves a Redis write and an engine output per token."""
-    kwargs: dict[str, Any] = {
-        "job_id": job_id,
-        "attempt": attempt,
-        "spec": spec,
-        "kind": kind,
-        "request": request,
-        "deadline": deadline,
-    }
-    if adapter is not None:
-        kwargs["adapter"] = adapter
-    if not stream_tokens:
-        kwargs["stream_tokens"] = False
-    # What Flower and the logs show of the message; Celery's own repr of the request costs ~0.2 ms per publish.
-    kwargsrepr = f"{{'job_id': '{job_id}', 'attempt': {attempt}, 'spec': '{spec}'}}"
-    if not countdown and _redis_broker():  # the request path: the message pushed as Celery would push it
-        task_push(task=queues.INFER_TASK.name, queue=queues.infer_queue(spec), kwargs=kwargs, kwargsrepr=kwargsrepr)
+    """Sends the inference task to `infer.<spec>` (after `countdown` seconds, for retry backoff)."""
+    task = InferenceTask(job_id, attempt, spec, kind, request, deadline, adapter, stream_tokens)
+    if countdown:
+        _send_through_celery(task, countdown=countdown)
+    else:
+        inference_publish_now([task])
+
+
+def inference_publish_now(tasks: Sequence[InferenceTask]) -> None:
+    """Sends the tasks to their `infer.<spec>` queues now. On a Redis broker (the request path) their messages are
+    pushed as Celery would push them, all in one round trip (`farm.task_messages`); on another broker, by Celery."""
+    if not _redis_broker():
+        for task in tasks:
+            _send_through_celery(task)
         return
+    task_push_many(
+        [
+            (
+                queues.infer_queue(task.spec),
+                task_message(
+                    task=queues.INFER_TASK.name,
+                    queue=queues.infer_queue(task.spec),
+                    kwargs=task.kwargs(),
+                    kwargsrepr=task.kwargsrepr(),
+                    request_id=task.request_id,
+                ),
+            )
+            for task in tasks
+        ]
+    )
+
+
+def _send_through_celery(task: InferenceTask, *, countdown: float = 0.0) -> None:
     from farm.celery import app
 
-    app.send_task(
-        queues.INFER_TASK.name,
-        kwargs=kwargs,
-        argsrepr="()",
-        kwargsrepr=kwargsrepr,
-        queue=queues.infer_queue(spec),
-        countdown=countdown or None,
-        retry=True,
-        retry_policy=PUBLISH_RETRY_POLICY,
-    )
+    with request_id_bound(task.request_id) if task.request_id is not None else contextlib.nullcontext():
+        app.send_task(
+            queues.INFER_TASK.name,
+            kwargs=task.kwargs(),
+            argsrepr="()",
+            kwargsrepr=task.kwargsrepr(),
+            queue=queues.infer_queue(task.spec),
+            countdown=countdown or None,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
 
 
 @functools.cache

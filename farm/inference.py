@@ -6,16 +6,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
-from farm import jobs
 from farm.api_keys import KeyPrincipal
 from farm.catalog import ModelEntry, model_catalog
-from farm.db import run_db
-from farm.dispatch import inference_adapter, inference_publish
 from farm.errors import ModelNotFound, ModelOverloaded, Unavailable
-from farm.models import JobStatus, OnLimit
+from farm.job_intake import NewJob, job_intake
+from farm.models import OnLimit
 from farm.registry import live_workers_serving
 from farm.routing import model_overloaded, route_request, spec_states
 from farm.spec_health import queue_depths, spec_backoffs
@@ -88,55 +85,6 @@ async def spec_choose(model: ModelEntry) -> str:
     return choice.name
 
 
-def _create_and_publish(
-    *,
-    principal: KeyPrincipal,
-    kind: str,
-    model: ModelEntry,
-    spec_name: str,
-    request: dict[str, Any],
-    deadline: float,
-    request_id: str = "",
-) -> str:
-    spec_id = next(s.id for s in model.specs if s.name == spec_name)
-    # One INSERT, committed on its own (autocommit): a transaction around it only added two round trips.
-    job_id = jobs.job_insert_queued(
-        owner_id=principal.owner_id,
-        api_key_id=principal.key_id,
-        kind=kind,
-        model_id=model.id,
-        spec_id=spec_id,
-        request=request,
-        deadline_at=datetime.fromtimestamp(deadline, tz=UTC),
-        request_id=request_id,
-    )
-    log.info("job %s queued on %s for key %s", job_id, spec_name, principal.prefix)
-    try:
-        adapter = None
-        if model.adapter is not None:  # a fine-tuned model: the base's spec loads the adapter (LoRA)
-            adapter = inference_adapter(
-                job_id=job_id, attempt=1, name=model.name, lora_id=model.adapter.lora_id, file_id=model.adapter.file_id
-            )
-        inference_publish(
-            job_id=job_id, attempt=1, spec=spec_name, kind=kind, request=request, deadline=deadline, adapter=adapter
-        )
-    except Exception as exc:  # broker down: the client is told, and the row does not stay queued
-        log.error("job %s: publish to %s failed: %s", job_id, spec_name, exc)
-        jobs.job_apply_event(
-            job_id=job_id,
-            attempt=1,
-            kind=JobStatus.FAILED,
-            worker_id="",
-            detail={"error": {"code": "broker_unavailable", "message": str(exc)}},
-        )
-        raise Unavailable(
-            "The job queue is unavailable; retry shortly.",
-            code="broker_unavailable",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        ) from exc
-    return job_id
-
-
 async def inference_submit(
     *,
     principal: KeyPrincipal,
@@ -154,14 +102,21 @@ async def inference_submit(
     spec_name = await spec_choose_waiting(model, wait_s=wait_s)
     now = time.time()
     deadline = started + timeout_s  # time spent waiting for room counts against the request's deadline
-    job_id = await run_db(
-        _create_and_publish,
-        principal=principal,
-        kind=kind,
-        model=model,
-        spec_name=spec_name,
-        request=request,
-        deadline=deadline,
-        request_id=request_id,
+    spec_id = next(s.id for s in model.specs if s.name == spec_name)
+    job_id = await job_intake(
+        NewJob(
+            owner_id=principal.owner_id,
+            api_key_id=principal.key_id,
+            key_prefix=principal.prefix,
+            kind=kind,
+            model_id=model.id,
+            model_name=model.name,
+            spec_id=spec_id,
+            spec_name=spec_name,
+            request=request,
+            deadline=deadline,
+            request_id=request_id,
+            adapter=None if model.adapter is None else (model.adapter.lora_id, model.adapter.file_id),
+        )
     )
     return Submission(job_id=job_id, model=model.name, spec=spec_name, created=int(now), deadline=deadline)

@@ -249,23 +249,28 @@ def _write_rows(cursor: Any, rows: dict[str, JobRow]) -> None:
         )
 
 
+# Rows per multi-row INSERT (6 parameters each: well within every backend's limit on query parameters).
+HISTORY_ROWS_PER_INSERT = 500
+
+
 def _insert_history(cursor: Any, history: list[History], *, now: datetime) -> None:
-    if not history:
-        return
+    """The history rows as multi-row INSERTs: one statement for a whole run (the database parses, plans and
+    executes each statement; one per row was ~2 statements per request on the control plane's busiest table)."""
     columns = ("job", "at", "kind", "attempt", "worker_id", "detail")
     job_pk = Job._meta.pk
-    cursor.executemany(
-        f"INSERT INTO {_q(JobEvent._meta.db_table)} ({', '.join(_col(JobEvent, c) for c in columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))})",
-        [
-            [
+    at = _db_value(JobEvent, "at", now)
+    head = f"INSERT INTO {_q(JobEvent._meta.db_table)} ({', '.join(_col(JobEvent, c) for c in columns)}) VALUES "
+    row = f"({', '.join(['%s'] * len(columns))})"
+    for start in range(0, len(history), HISTORY_ROWS_PER_INSERT):
+        chunk = history[start : start + HISTORY_ROWS_PER_INSERT]
+        params: list[Any] = []
+        for h in chunk:
+            params += [
                 job_pk.get_db_prep_value(uuid.UUID(h.job_id), connection),
-                _db_value(JobEvent, "at", now),
+                at,
                 h.kind,
                 h.attempt,
                 h.worker_id,
                 _db_value(JobEvent, "detail", h.detail),
             ]
-            for h in history
-        ],
-    )
+        cursor.execute(head + ", ".join([row] * len(chunk)), params)

@@ -7,11 +7,10 @@ late event cannot move a job twice, and a terminal state is never left (a databa
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -97,15 +96,21 @@ def job_create(
     return job
 
 
-@functools.cache
-def _queued_insert_sql(vendor: str) -> str:
-    """`INSERT INTO farm_job (every column) VALUES (...)` for `job_insert_queued`, per database vendor."""
-    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
-    columns = ", ".join(quote(field.column) for field in Job._meta.concrete_fields)
-    return f"INSERT INTO {quote(Job._meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(_JOB_FIELDS))})"
+@dataclass(frozen=True)
+class QueuedJob:
+    """A new inference job's row as `job_insert_queued` writes it (its id chosen by the caller)."""
+
+    id: uuid.UUID
+    owner_id: int
+    api_key_id: int | None
+    kind: str
+    model_id: int
+    spec_id: int
+    request: dict[str, Any]
+    deadline_at: datetime
+    request_id: str = ""
 
 
-_JOB_FIELDS = tuple(field.name for field in Job._meta.concrete_fields)
 # What a new job's row holds in the columns a request does not set (the model's defaults, as `job_create` leaves them).
 _QUEUED_DEFAULTS = {
     "status": JobStatus.QUEUED.value,
@@ -119,48 +124,46 @@ _QUEUED_DEFAULTS = {
 }
 # Columns whose values need their field's database adapter (the others are ints, strings and NULLs as they are).
 _ADAPTED = frozenset(("id", "request", "created_at", "deadline_at", "dispatched_at"))
+# Rows per INSERT statement (18 parameters each: within every backend's limit on query parameters).
+QUEUED_ROWS_PER_INSERT = 200
 
 
-def job_insert_queued(
-    *,
-    owner_id: int,
-    api_key_id: int | None,
-    kind: str,
-    model_id: int,
-    spec_id: int,
-    request: dict[str, Any],
-    deadline_at: datetime,
-    request_id: str = "",
-) -> str:
-    """`job_create` for the inference hot path: the same row (queued, attempt 1, dispatched now), written as one
-    INSERT without building a model instance; returns its id. The ORM's create cost ~250 us of the API's CPU per
-    request, this ~4x less (BENCHMARKS.md, 2026-12-02 evening): the column values still go through each field's
-    own database adapter, so the row is exactly what the ORM would write."""
-    now = timezone.now()
-    job_id = uuid.uuid4()
-    values = {
-        **_QUEUED_DEFAULTS,
-        "id": job_id,
-        "owner": owner_id,
-        "api_key": api_key_id,
-        "kind": kind,
-        "model": model_id,
-        "spec": spec_id,
-        "max_attempts": RETRY_POLICY.max_attempts,
-        "request": request,
-        "created_at": now,
-        "deadline_at": deadline_at,
-        "dispatched_at": now,
-        "request_id": request_id,
-    }
+def job_insert_queued(rows: Sequence[QueuedJob]) -> None:
+    """`job_create` for the inference hot path: the same rows (queued, attempt 1, dispatched now), written as one
+    multi-row INSERT without building model instances, committed together (autocommit). The ORM's create cost
+    ~250 us of the API's CPU and a commit per request; here the column values still go through each field's own
+    database adapter, so each row is exactly what the ORM would write (BENCHMARKS.md, 2026-12-02 evening)."""
     db = connections[DEFAULT_DB_ALIAS]  # one lookup of the thread's connection, not one per column
-    params = [
-        field.get_db_prep_save(values[field.name], db) if field.name in _ADAPTED else values[field.name]
-        for field in Job._meta.concrete_fields
-    ]
-    with db.cursor() as cursor:
-        cursor.execute(_queued_insert_sql(db.vendor), params)
-    return str(job_id)
+    fields = Job._meta.concrete_fields
+    quote = db.ops.quote_name
+    head = f"INSERT INTO {quote(Job._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) VALUES "
+    placeholders = f"({', '.join(['%s'] * len(fields))})"
+    now = timezone.now()
+    for start in range(0, len(rows), QUEUED_ROWS_PER_INSERT):
+        chunk = rows[start : start + QUEUED_ROWS_PER_INSERT]
+        params: list[Any] = []
+        for row in chunk:
+            values = {
+                **_QUEUED_DEFAULTS,
+                "id": row.id,
+                "owner": row.owner_id,
+                "api_key": row.api_key_id,
+                "kind": row.kind,
+                "model": row.model_id,
+                "spec": row.spec_id,
+                "max_attempts": RETRY_POLICY.max_attempts,
+                "request": row.request,
+                "created_at": now,
+                "deadline_at": row.deadline_at,
+                "dispatched_at": now,
+                "request_id": row.request_id,
+            }
+            params += [
+                field.get_db_prep_save(values[field.name], db) if field.name in _ADAPTED else values[field.name]
+                for field in fields
+            ]
+        with db.cursor() as cursor:
+            cursor.execute(head + ", ".join([placeholders] * len(chunk)), params)
 
 
 def _record(job_id: str, kind: str, attempt: int, worker_id: str, detail: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import base64
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -25,10 +26,17 @@ _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
 
 def task_message(
-    *, task: str, queue: str, kwargs: dict[str, Any], argsrepr: str = "()", kwargsrepr: str = "{}"
+    *,
+    task: str,
+    queue: str,
+    kwargs: dict[str, Any],
+    argsrepr: str = "()",
+    kwargsrepr: str = "{}",
+    request_id: str | None = None,
 ) -> bytes:
     """A Celery protocol-2 message for `task` with `kwargs`, routed to `queue`, as kombu's Redis transport stores
-    it; the bound request id (if any) rides in the `farm_request_id` header as `farm.request_ids` puts it there."""
+    it; `request_id` (default: the one bound now) rides in the `farm_request_id` header as `farm.request_ids` puts
+    it there."""
     task_id = str(uuid.uuid4())
     body = base64.b64encode(orjson.dumps([[], kwargs, _EMBED])).decode("ascii")
     headers: dict[str, Any] = {
@@ -52,7 +60,8 @@ def task_message(
         "stamped_headers": None,
         "stamps": {},
     }
-    request_id = current_request_id.get()
+    if request_id is None:
+        request_id = current_request_id.get()
     if request_id:
         headers[CELERY_HEADER] = request_id
     return orjson.dumps(
@@ -75,11 +84,20 @@ def task_message(
     )
 
 
-def task_push(*, task: str, queue: str, kwargs: dict[str, Any], argsrepr: str = "()", kwargsrepr: str = "{}") -> None:
-    """Publishes `task` to `queue` on the Redis broker now (kombu's Redis transport: LPUSH to the queue's list,
-    priority 0). A broker that is down is retried for about 5 s (`farm.redis_client`), then the error is raised."""
+def task_push_many(messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publishes (queue, message) pairs on the Redis broker in one round trip: one LPUSH per queue, in the given
+    order (kombu's Redis transport: a queue is a list, consumed from its tail, priority 0). A broker that is down is
+    retried for about 5 s (`farm.redis_client`), then the error is raised."""
     from farm.redis_client import sync_redis
 
-    sync_redis().lpush(
-        queue, task_message(task=task, queue=queue, kwargs=kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr)
-    )
+    by_queue: dict[str, list[bytes]] = {}
+    for queue, message in messages:
+        by_queue.setdefault(queue, []).append(message)
+    if len(by_queue) == 1:
+        [(queue, values)] = by_queue.items()
+        sync_redis().lpush(queue, *values)
+        return
+    with sync_redis().pipeline(transaction=False) as pipe:
+        for queue, values in by_queue.items():
+            pipe.lpush(queue, *values)
+        pipe.execute()

@@ -11,6 +11,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+import farm.job_events
 from farm import queues
 from farm.api_keys import api_key_create
 from farm.catalog import model_upsert, spec_upsert
@@ -192,7 +193,12 @@ def worker_message(job_ids: list[str]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.django_db
-def test_bulk_gives_the_same_jobs_history_and_usage_as_one_event_at_a_time(key: ApiKey) -> None:
+@pytest.mark.parametrize("rows_per_insert", [farm.job_events.HISTORY_ROWS_PER_INSERT, 2])
+def test_bulk_gives_the_same_jobs_history_and_usage_as_one_event_at_a_time(
+    key: ApiKey, rows_per_insert: int, monkeypatch
+) -> None:
+    """Also with the history split over several multi-row INSERTs (2 rows each: 10 rows, 5 statements)."""
+    monkeypatch.setattr(farm.job_events, "HISTORY_ROWS_PER_INSERT", rows_per_insert)
     one_by_one, bulk = new_jobs(key, 5), new_jobs(key, 5)
     for e in worker_message(one_by_one):
         job_apply_event(**e)

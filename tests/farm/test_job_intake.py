@@ -1,0 +1,116 @@
+"""New inference jobs written in groups (`farm.job_intake`): what arrives while a write is in flight goes together,
+each request gets its own job, row and message, and one refused row fails only its own request."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from farm import job_intake, queues
+from farm.catalog import model_upsert, spec_upsert
+from farm.errors import FarmError
+from farm.job_intake import NewJob
+from farm.models import Job, JobStatus
+from farm.redis_client import sync_redis
+
+pytestmark = pytest.mark.django_db(transaction=True)  # rows are written on the API's own database threads
+
+SPEC = f"intake-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def new_job() -> Iterator[NewJob]:
+    owner = get_user_model().objects.create(username=f"intake-{uuid.uuid4().hex[:8]}")
+    model = model_upsert(name="intake-test-model")
+    spec = spec_upsert(model=model, name=SPEC, engine="vllm-cpu")
+    sync_redis().delete(queues.infer_queue(SPEC))
+    yield NewJob(
+        owner_id=owner.pk,
+        api_key_id=None,
+        key_prefix="sk-test",
+        kind="chat.completion",
+        model_id=model.pk,
+        model_name=model.name,
+        spec_id=spec.pk,
+        spec_name=SPEC,
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        deadline=time.time() + 60,
+    )
+    sync_redis().delete(queues.infer_queue(SPEC))
+
+
+@pytest.fixture
+def groups(monkeypatch) -> list[int]:
+    """The size of every group written, each write slowed by 50 ms (a busy database) so that requests pile up."""
+    sizes: list[int] = []
+    write = job_intake.jobs_create_and_publish
+
+    def slow_write(new: list[NewJob]) -> list:
+        sizes.append(len(new))
+        time.sleep(0.05)
+        return write(new)
+
+    monkeypatch.setattr(job_intake, "jobs_create_and_publish", slow_write)
+    return sizes
+
+
+def queued_messages() -> dict[str, dict]:
+    """job id -> (kwargs, headers) of every message in the spec's queue."""
+    messages = {}
+    for raw in sync_redis().lrange(queues.infer_queue(SPEC), 0, -1):
+        message = json.loads(raw)
+        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        messages[kwargs["job_id"]] = {"kwargs": kwargs, "headers": message["headers"]}
+    return messages
+
+
+def submit_all(jobs: list[NewJob]) -> list[str | BaseException]:
+    async def scenario() -> list[str | BaseException]:
+        return await asyncio.gather(*(job_intake.job_intake(job) for job in jobs), return_exceptions=True)
+
+    return asyncio.run(scenario())
+
+
+def test_requests_that_arrive_together_are_written_in_groups_each_with_its_own_row_and_message(
+    new_job: NewJob, groups: list[int]
+) -> None:
+    jobs = [NewJob(**{**new_job.__dict__, "request": {"n": i}, "request_id": f"req_{i}"}) for i in range(40)]
+    ids = submit_all(jobs)
+
+    assert all(isinstance(job_id, str) for job_id in ids) and len(set(ids)) == 40
+    assert sum(groups) == 40 and len(groups) < 10, groups  # grouped, not one write per request
+    rows = {str(job.pk): job for job in Job.objects.filter(pk__in=ids)}
+    messages = queued_messages()
+    for i, job_id in enumerate(ids):
+        assert rows[job_id].status == JobStatus.QUEUED and rows[job_id].request == {"n": i}
+        assert rows[job_id].request_id == f"req_{i}" and rows[job_id].dispatched_at is not None
+        assert messages[job_id]["kwargs"]["request"] == {"n": i}
+        assert messages[job_id]["headers"]["farm_request_id"] == f"req_{i}"  # each message its own request's id
+    # FIFO: a queue is consumed from its tail, so the first request accepted is the first message taken.
+    tail = json.loads(base64.b64decode(json.loads(sync_redis().lindex(queues.infer_queue(SPEC), -1))["body"]))
+    assert tail[1]["job_id"] == ids[0]
+
+
+def test_a_lone_request_is_written_at_once(new_job: NewJob, groups: list[int]) -> None:
+    [job_id] = submit_all([new_job])
+    assert groups == [1] and Job.objects.get(pk=job_id).status == JobStatus.QUEUED
+
+
+def test_a_row_the_database_refuses_fails_only_its_own_request(new_job: NewJob, groups: list[int]) -> None:
+    """An owner that does not exist (a foreign key the database checks at commit) in a group of five."""
+    jobs = [NewJob(**{**new_job.__dict__, "request": {"n": i}}) for i in range(5)]
+    jobs[2] = NewJob(**{**new_job.__dict__, "owner_id": 10**9})
+    outcomes = submit_all(jobs)
+
+    refused = outcomes.pop(2)
+    assert isinstance(refused, FarmError) and refused.status == 500
+    assert all(isinstance(job_id, str) for job_id in outcomes)
+    assert Job.objects.filter(pk__in=outcomes, status=JobStatus.QUEUED).count() == 4
+    assert set(queued_messages()) == set(outcomes)  # the refused job has no message
