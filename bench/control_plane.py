@@ -14,22 +14,32 @@ Phases:
              out    first token in Redis -> first content byte at the client (XREAD, SSE)
            and the CPU every process spent during the level, per request (API, control worker, worker, Valkey,
            PostgreSQL's server with `--postgres`, the bench's own client): what the 2 cores' budget goes to
+  rates    --rates R1,R2: open-loop levels (vLLM's method): Poisson arrivals at R requests/s for --rate-seconds,
+           the same seeded arrival times for every run; the achieved rate and the latency p50/p99 at that load (the
+           issue's "requests/s with p99 added latency <= 50 ms": with the null engine all latency is added)
   streams  --open-streams N concurrent SSE streams held open on ONE API process (the null engine emits a token
            every --token-interval s): errors, and the API process' peak RSS.
+
+--split-cores pins the control plane (API, control worker, PostgreSQL's server) to CPU 0 and the data plane
+(worker, Valkey) and the bench's client to CPU 1, as in production where workers and Redis run on other hosts: what
+one core of control plane sustains. PostgreSQL's processes get their affinity back at the end.
 
 Output: a table per phase and bench/results/control-plane-<UTC>.json.
 
 Examples:
   .venv/bin/python -m bench.control_plane                         # default sweep + 1,000 open streams
   .venv/bin/python -m bench.control_plane --concurrency 1,64 --requests 200 --open-streams 0
+  .venv/bin/python -m bench.control_plane --concurrency 8 --rates 200,300,400 --open-streams 0 --modes stream
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import sqlite3
 import sys
 import tempfile
@@ -62,6 +72,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--output-tokens", type=int, default=16, help="tokens per response (default %(default)s)")
     parser.add_argument("--modes", default="stream,json", help="stream, json or both (default %(default)s)")
+    parser.add_argument("--rates", default="", help="open-loop levels, requests/s (default: none)")
+    parser.add_argument("--rate-seconds", type=float, default=10.0, help="length of each rate level")
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="control plane (API, control worker, PostgreSQL) on CPU 0; worker, Valkey and the client on CPU 1",
+    )
     parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once; 0 skips")
     parser.add_argument("--stream-tokens", type=int, default=40, help="tokens per held-open stream")
     parser.add_argument(
@@ -156,6 +173,26 @@ async def closed_loop(
     started = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
     return results, time.perf_counter() - started
+
+
+async def open_loop(
+    client: Client, *, rate: float, seconds: float, stream: bool, max_tokens: int, seed: int = 0
+) -> tuple[list[Timed], float]:
+    """Requests sent at Poisson arrival times (`rate` per second on average, seeded), whatever is in flight."""
+    rng = random.Random(seed)
+    arrivals: list[float] = []
+    at = 0.0
+    while at < seconds:
+        arrivals.append(at)
+        at += rng.expovariate(rate)
+    started = time.perf_counter()
+
+    async def one(offset: float) -> Timed:
+        await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+        return await client.send(stream=stream, max_tokens=max_tokens)
+
+    results = await asyncio.gather(*(one(offset) for offset in arrivals))
+    return list(results), time.perf_counter() - started
 
 
 def job_created_at(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
@@ -290,6 +327,40 @@ async def ready_client(farm: PrivateFarm) -> Client:
     return client
 
 
+CONTROL_PLANE_CPU, DATA_PLANE_CPU = 0, 1
+
+
+def split_cores(farm: PrivateFarm) -> dict[int, list[int]]:
+    """Pins the control plane to CPU 0 and the data plane and this client to CPU 1 (see --split-cores); returns
+    the PostgreSQL processes' affinities as they were."""
+    plane = {"api": CONTROL_PLANE_CPU, "control": CONTROL_PLANE_CPU, "worker": DATA_PLANE_CPU, "redis": DATA_PLANE_CPU}
+    for name, child in farm.children.items():
+        root = psutil.Process(child.pid)
+        for process in [root, *root.children(recursive=True)]:
+            process.cpu_affinity([plane[name]])
+    psutil.Process().cpu_affinity([DATA_PLANE_CPU])
+    saved: dict[int, list[int]] = {}
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "postgres":
+            saved[process.pid] = process.cpu_affinity()
+            process.cpu_affinity([CONTROL_PLANE_CPU])  # backends forked later inherit the postmaster's
+    return saved
+
+
+def restore_affinity(saved: dict[int, list[int]]) -> None:
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "postgres":
+            with contextlib.suppress(psutil.Error):
+                process.cpu_affinity(saved.get(process.pid) or list(range(psutil.cpu_count())))
+
+
+def figures_of_level(
+    farm: PrivateFarm, args: argparse.Namespace, timed: list[Timed], elapsed: float, cpu_before: dict
+) -> dict[str, Any]:
+    cpu_ms = cpu_per_request(cpu_before, cpu_now(farm, postgres=bool(args.postgres)), len(timed))
+    return {**level_figures(farm, timed, elapsed), "cpu_ms_per_request": cpu_ms}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = ROOT / ".farm" / "bench-null-model"  # the null engine reads no weights; the farm wants a path
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -313,12 +384,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_concurrency=max(args.worker_concurrency, args.open_streams),
         extra_env={"FARM_NULL_ENGINE": "1", "FARM_NULL_ENGINE_TOKEN_INTERVAL_S": "0", **database_env("control_plane")},
     )
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sweep": [], "streams": None}
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "sweep": [],
+        "rates": [],
+        "streams": None,
+    }
     print(f"starting a private farm in {home} (null engine) ...", flush=True)
     farm.start()
     client: Client | None = None
+    saved_affinity: dict[int, list[int]] = {}
     try:
         client = await ready_client(farm)
+        if args.split_cores:
+            saved_affinity = split_cores(farm)
         await closed_loop(client, concurrency=16, requests=100, stream=True, max_tokens=args.output_tokens)  # warm
         for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
             for mode in args.modes.split(","):
@@ -331,16 +410,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     stream=mode == "stream",
                     max_tokens=args.output_tokens,
                 )
-                cpu_ms = cpu_per_request(cpu_before, cpu_now(farm, postgres=bool(args.postgres)), len(timed))
                 figures = {
                     "concurrency": concurrency,
                     "mode": mode,
-                    **level_figures(farm, timed, elapsed),
-                    "cpu_ms_per_request": cpu_ms,
+                    **figures_of_level(farm, args, timed, elapsed, cpu_before),
                 }
                 results["sweep"].append(figures)
                 print(json.dumps(figures), flush=True)
+        for rate in [float(r) for r in args.rates.split(",") if r]:
+            for mode in args.modes.split(","):
+                cpu_before = cpu_now(farm, postgres=bool(args.postgres))
+                timed, elapsed = await open_loop(
+                    client, rate=rate, seconds=args.rate_seconds, stream=mode == "stream", max_tokens=args.output_tokens
+                )
+                figures = {"rate": rate, "mode": mode, **figures_of_level(farm, args, timed, elapsed, cpu_before)}
+                results["rates"].append(figures)
+                print(json.dumps(figures), flush=True)
         if args.open_streams:
+            restore_affinity(saved_affinity)
+            saved_affinity = {}
             await client.close()
             farm.stop()
             farm = PrivateFarm(
@@ -365,6 +453,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["streams"] = await open_streams(farm, client, count=args.open_streams, tokens=args.stream_tokens)
             print(json.dumps(results["streams"]), flush=True)
     finally:
+        restore_affinity(saved_affinity)
         if client is not None:
             await client.close()
         farm.stop()
@@ -395,6 +484,16 @@ def table(results: dict[str, Any]) -> str:
         cpu = row.get("cpu_ms_per_request", {})
         cells = [str(row.get(c)) for c in cols] + [" / ".join(str(cpu.get(role, "-")) for role in roles)]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("rates"):
+        rate_cols = ["rate", "mode", "requests_per_s", "errors", "latency_p50_ms", "latency_p99_ms"]
+        lines += [
+            "",
+            "| " + " | ".join([*rate_cols, "CPU ms/request total"]) + " |",
+            "|" + "---|" * (len(rate_cols) + 1),
+        ]
+        for row in results["rates"]:
+            cells = [str(row.get(c)) for c in rate_cols] + [str(row.get("cpu_ms_per_request", {}).get("total"))]
+            lines.append("| " + " | ".join(cells) + " |")
     if results["streams"]:
         lines += [
             "",

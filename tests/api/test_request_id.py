@@ -55,7 +55,7 @@ def test_a_clients_request_id_follows_the_job_to_the_worker_logs(live_farm, data
     api_line = wait_for_line(live_farm.processes.log_path("api"), f"[{request_id}]", str(job.pk), "queued")
     assert "farm-" in api_line  # the key's visible prefix, never the secret
     assert live_farm.api_key[12:] not in live_farm.processes.log_path("api").read_text(errors="replace")
-    wait_for_line(live_farm.processes.log_path("worker-1"), f"[{request_id}]", str(job.pk), "received")
+    # Workers write one INFO line per job, at its end (the "received" line is DEBUG: ~2.5 % of a busy worker's CPU).
     wait_for_line(live_farm.processes.log_path("worker-1"), f"[{request_id}]", str(job.pk), "succeeded")
 
 

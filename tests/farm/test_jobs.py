@@ -4,6 +4,7 @@ terminal states that are never left (by the services, nor by a raw UPDATE)."""
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from farm import queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import Conflict, NotFound
 from farm.job_streams import job_stream_append
-from farm.jobs import job_apply_event, job_cancel, job_create, job_insert_queued, job_is_terminal
+from farm.jobs import QueuedJob, job_apply_event, job_cancel, job_create, job_insert_queued, job_is_terminal
 from farm.models import TERMINAL_STATUSES, Job, JobEvent, JobKind, JobStatus
 from farm.redis_client import sync_redis
 
@@ -56,15 +57,21 @@ def test_the_hot_path_insert_writes_the_row_job_create_writes(job: Job) -> None:
     request = {"messages": [{"role": "user", "content": "h\u00e9llo \U0001f600"}], "max_tokens": 7, "stop": ["x"]}
     Job.objects.filter(pk=job.pk).update(request=request, request_id="req-123")
     before = timezone.now()
-    job_id = job_insert_queued(
-        owner_id=job.owner_id,
-        api_key_id=None,
-        kind=JobKind.CHAT,
-        model_id=job.model_id,
-        spec_id=job.spec_id,
-        request=request,
-        deadline_at=job.deadline_at,
-        request_id="req-123",
+    job_id = uuid.uuid4()
+    job_insert_queued(
+        [
+            QueuedJob(
+                id=job_id,
+                owner_id=job.owner_id,
+                api_key_id=None,
+                kind=JobKind.CHAT,
+                model_id=job.model_id,
+                spec_id=job.spec_id,
+                request=request,
+                deadline_at=job.deadline_at,
+                request_id="req-123",
+            )
+        ]
     )
     inserted = Job.objects.get(pk=job_id)
     created = Job.objects.get(pk=job.pk)
@@ -73,7 +80,7 @@ def test_the_hot_path_insert_writes_the_row_job_create_writes(job: Job) -> None:
     assert {f: getattr(inserted, f) for f in fields} == {f: getattr(created, f) for f in fields}
     assert inserted.status == JobStatus.QUEUED and inserted.attempt == 1 and inserted.request == request
     assert before <= inserted.created_at == inserted.dispatched_at <= timezone.now()
-    assert job_apply_event(job_id=job_id, attempt=1, kind=JobStatus.RUNNING, worker_id="w1", detail={})
+    assert job_apply_event(job_id=str(job_id), attempt=1, kind=JobStatus.RUNNING, worker_id="w1", detail={})
 
 
 def apply(job: Job, kind: str, *, attempt: int = 1, worker_id: str = "w1", **detail: Any) -> bool:
