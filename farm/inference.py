@@ -11,7 +11,7 @@ from typing import Any
 from farm.api_keys import KeyPrincipal
 from farm.catalog import ModelEntry, model_catalog
 from farm.errors import ModelNotFound, ModelOverloaded, Unavailable
-from farm.job_intake import NewJob, job_intake
+from farm.job_intake import RETRY_AFTER_S, NewJob, job_intake
 from farm.models import OnLimit
 from farm.registry import live_workers_serving
 from farm.routing import model_overloaded, route_request, spec_states
@@ -20,7 +20,6 @@ from settings import env
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 5
 # How often a key with `on_limit=wait` looks again for room on an overloaded model.
 OVERLOAD_POLL_S = 0.25
 

@@ -33,6 +33,7 @@ from farm.request_ids import request_id_bound
 
 log = logging.getLogger(__name__)
 
+# Retry-After of a 503 while the farm cannot take the request (no replica, no broker).
 RETRY_AFTER_S = 5
 # Groups written at once per process: one fills while another is in flight (the pool has more threads for the rest).
 MAX_GROUPS_IN_FLIGHT = 2
