@@ -65,6 +65,11 @@ class StreamWriter:
         self._wake.set()
         await waiter
 
+    def close(self) -> None:
+        """Stops the flusher (what is still pending is dropped: call `flushed` first to keep it)."""
+        if self._task is not None:
+            self._task.cancel()
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()

@@ -78,6 +78,7 @@ def test_a_stream_written_while_a_flush_is_in_flight_arrives_whole_and_in_order(
             read[job] = [stream_format.decode(fields[stream_format.FIELD.encode()]) for _id, fields in entries]
             assert 0 < await client.ttl(redis_keys.job_stream(job)) <= redis_keys.STREAM_TTL_S
             await client.delete(redis_keys.job_stream(job))
+        writer.close()
         await client.aclose()
         return read
 
