@@ -7,10 +7,15 @@ from celery import Celery
 from farm import queues
 
 
+def is_redis_url(url: str) -> bool:
+    """Whether a broker URL names Redis (kombu's Redis transport), not another broker such as RabbitMQ."""
+    return url.split("://", 1)[0] in ("redis", "rediss")
+
+
 def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: float = 10.0) -> Celery:
     """One configuration for every farm process: JSON only, late acks, prefetch 1, no result backend."""
     app = Celery(main, broker=broker_url)
-    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    if is_redis_url(broker_url):
         from farm.broker_transport import REDIS_TRANSPORT
 
         app.conf.broker_transport = REDIS_TRANSPORT  # survives a broker restart (see the module)

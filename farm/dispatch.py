@@ -93,21 +93,18 @@ def inference_publish_now(tasks: Sequence[InferenceTask]) -> None:
         for task in tasks:
             _send_through_celery(task)
         return
-    task_push_many(
-        [
-            (
-                queues.infer_queue(task.spec),
-                task_message(
-                    task=queues.INFER_TASK.name,
-                    queue=queues.infer_queue(task.spec),
-                    kwargs=task.kwargs(),
-                    kwargsrepr=task.kwargsrepr(),
-                    request_id=task.request_id,
-                ),
-            )
-            for task in tasks
-        ]
-    )
+    messages = []
+    for task in tasks:
+        queue = queues.infer_queue(task.spec)
+        message = task_message(
+            task=queues.INFER_TASK.name,
+            queue=queue,
+            kwargs=task.kwargs(),
+            kwargsrepr=task.kwargsrepr(),
+            request_id=task.request_id,
+        )
+        messages.append((queue, message))
+    task_push_many(messages)
 
 
 def _send_through_celery(task: InferenceTask, *, countdown: float = 0.0) -> None:
@@ -128,6 +125,7 @@ def _send_through_celery(task: InferenceTask, *, countdown: float = 0.0) -> None
 
 @functools.cache
 def _redis_broker() -> bool:
+    from farm.celery_app import is_redis_url
     from settings import env
 
-    return env.REDIS_URL.split("://", 1)[0] in ("redis", "rediss")
+    return is_redis_url(env.REDIS_URL)  # the broker URL `farm.celery` gives Celery

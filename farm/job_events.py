@@ -24,6 +24,7 @@ from django.db import connection, models, transaction
 from django.utils import timezone
 
 from farm.models import Job, JobEvent, JobKind, JobStatus
+from farm.sql import insert_rows
 
 log = logging.getLogger(__name__)
 
@@ -256,21 +257,18 @@ HISTORY_ROWS_PER_INSERT = 500
 def _insert_history(cursor: Any, history: list[History], *, now: datetime) -> None:
     """The history rows as multi-row INSERTs: one statement for a whole run (the database parses, plans and
     executes each statement; one per row was ~2 statements per request on the control plane's busiest table)."""
-    columns = ("job", "at", "kind", "attempt", "worker_id", "detail")
     job_pk = Job._meta.pk
     at = _db_value(JobEvent, "at", now)
-    head = f"INSERT INTO {_q(JobEvent._meta.db_table)} ({', '.join(_col(JobEvent, c) for c in columns)}) VALUES "
-    row = f"({', '.join(['%s'] * len(columns))})"
-    for start in range(0, len(history), HISTORY_ROWS_PER_INSERT):
-        chunk = history[start : start + HISTORY_ROWS_PER_INSERT]
-        params: list[Any] = []
-        for h in chunk:
-            params += [
-                job_pk.get_db_prep_value(uuid.UUID(h.job_id), connection),
-                at,
-                h.kind,
-                h.attempt,
-                h.worker_id,
-                _db_value(JobEvent, "detail", h.detail),
-            ]
-        cursor.execute(head + ", ".join([row] * len(chunk)), params)
+    rows = [
+        [
+            job_pk.get_db_prep_value(uuid.UUID(h.job_id), connection),
+            at,
+            h.kind,
+            h.attempt,
+            h.worker_id,
+            _db_value(JobEvent, "detail", h.detail),
+        ]
+        for h in history
+    ]
+    columns = ("job", "at", "kind", "attempt", "worker_id", "detail")
+    insert_rows(cursor, JobEvent, columns, rows, per_statement=HISTORY_ROWS_PER_INSERT)

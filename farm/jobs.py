@@ -22,6 +22,7 @@ from django.utils import timezone
 from farm.errors import Conflict, NotFound
 from farm.models import TERMINAL_STATUSES, BatchLine, Job, JobEvent, JobKind, JobStatus
 from farm.request_ids import current_request_id, request_id_bound
+from farm.sql import insert_rows
 
 log = logging.getLogger(__name__)
 
@@ -135,35 +136,32 @@ def job_insert_queued(rows: Sequence[QueuedJob]) -> None:
     database adapter, so each row is exactly what the ORM would write (BENCHMARKS.md, 2026-12-02 evening)."""
     db = connections[DEFAULT_DB_ALIAS]  # one lookup of the thread's connection, not one per column
     fields = Job._meta.concrete_fields
-    quote = db.ops.quote_name
-    head = f"INSERT INTO {quote(Job._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) VALUES "
-    placeholders = f"({', '.join(['%s'] * len(fields))})"
     now = timezone.now()
-    for start in range(0, len(rows), QUEUED_ROWS_PER_INSERT):
-        chunk = rows[start : start + QUEUED_ROWS_PER_INSERT]
-        params: list[Any] = []
-        for row in chunk:
-            values = {
-                **_QUEUED_DEFAULTS,
-                "id": row.id,
-                "owner": row.owner_id,
-                "api_key": row.api_key_id,
-                "kind": row.kind,
-                "model": row.model_id,
-                "spec": row.spec_id,
-                "max_attempts": RETRY_POLICY.max_attempts,
-                "request": row.request,
-                "created_at": now,
-                "deadline_at": row.deadline_at,
-                "dispatched_at": now,
-                "request_id": row.request_id,
-            }
-            params += [
-                field.get_db_prep_save(values[field.name], db) if field.name in _ADAPTED else values[field.name]
+    values = []
+    for row in rows:
+        row_values = {
+            **_QUEUED_DEFAULTS,
+            "id": row.id,
+            "owner": row.owner_id,
+            "api_key": row.api_key_id,
+            "kind": row.kind,
+            "model": row.model_id,
+            "spec": row.spec_id,
+            "max_attempts": RETRY_POLICY.max_attempts,
+            "request": row.request,
+            "created_at": now,
+            "deadline_at": row.deadline_at,
+            "dispatched_at": now,
+            "request_id": row.request_id,
+        }
+        values.append(
+            [
+                field.get_db_prep_save(row_values[field.name], db) if field.name in _ADAPTED else row_values[field.name]
                 for field in fields
             ]
-        with db.cursor() as cursor:
-            cursor.execute(head + ", ".join([placeholders] * len(chunk)), params)
+        )
+    with db.cursor() as cursor:
+        insert_rows(cursor, Job, [field.name for field in fields], values, per_statement=QUEUED_ROWS_PER_INSERT)
 
 
 def _record(job_id: str, kind: str, attempt: int, worker_id: str, detail: dict[str, Any]) -> None:

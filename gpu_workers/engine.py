@@ -105,8 +105,11 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args: dict[str, Any] = {"max_model_len": 2048, "disable_log_stats": True}
-        if config.engine == "vllm-cpu" and _cpu_amx():  # see gpu_workers/cpu_amx.py (SIGILL without it)
-            args["worker_cls"] = "gpu_workers.cpu_amx.AmxCPUWorker"
+        if config.engine == "vllm-cpu":
+            from gpu_workers.cpu_amx import host_has_amx  # imports vLLM's CPU worker: CPU specs only
+
+            if host_has_amx():  # see gpu_workers/cpu_amx.py (SIGILL without it)
+                args["worker_cls"] = "gpu_workers.cpu_amx.AmxCPUWorker"
         args.update(config.engine_args)
         started = time.monotonic()
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(config.model_path), **args))
@@ -216,12 +219,6 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
-
-
-def _cpu_amx() -> bool:
-    from gpu_workers.cpu_amx import host_has_amx
-
-    return host_has_amx()
 
 
 def create_engine(config: EngineConfig) -> Engine:

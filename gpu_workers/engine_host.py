@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import uvloop
 
 from farm.redis_client import aioredis_connect
 from gpu_workers.engine import Engine, EngineConfig, create_engine
@@ -23,19 +24,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where installed (vLLM's own server runs on it): the engine loop carries every token's output handling
-    and stream write, and asyncio's pure-Python loop was ~15 % of a busy worker's CPU (BENCHMARKS.md)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class EngineHost:
     def __init__(self, *, redis_url: str) -> None:
-        self.loop = _new_loop()
+        # uvloop, as vLLM's own server: this loop carries every token's output handling and stream write, and
+        # asyncio's pure-Python loop was ~15 % of a busy worker's CPU samples (py-spy, BENCHMARKS.md 2026-12-02).
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
         self.engines: dict[str, Engine] = {}
