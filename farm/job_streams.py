@@ -5,63 +5,92 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from farm import redis_keys, stream_format
 from farm.db import run_db
 from farm.redis_client import async_redis, sync_redis
 from farm.stream_format import Delta, End, Failure, Restart, StreamEvent
+from farm.stream_hub import BLOCK_S, COUNT, Entry, Subscription, stream_hub
 
 _FIELD = stream_format.FIELD.encode()
 # Extra seconds the reader waits past the deadline: the worker reports its own timeout first.
 GRACE_S = 2.0
-# Longest one XREAD blocks: well under redis-py's default socket timeout (5 s since redis-py 8), which would
-# otherwise end a blocking read of a job that is silent for a while (a retry after its worker died) with a
-# TimeoutError; a read that still times out (a slow Redis on a loaded host) is simply read again.
-_BLOCK_S = 2.0
 # A reader that has heard nothing for this long checks that the job's stream still exists. A Redis restart can lose
 # it (with the outcome in it) after the job ended; the job's database row then tells how it ended.
 LOST_STREAM_CHECK_S = 5.0
+# A reader joins its process' stream hub when at least this many streams are being read there (itself included);
+# with fewer, it reads its stream by itself: a shared read saves little when few streams get tokens at once, and the
+# hub's wake-ups cost a round trip (BENCHMARKS.md, 2026-12-02, night).
+HUB_MIN_READERS = 16
 
 
 async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[list[StreamEvent]]:
     """The job's stream as it arrives, one non-empty list per read: deltas (and `Restart`s of retried attempts),
     ending with its `End` or `Failure`; a 504 `Failure` if nothing ends it in time. A reader that writes what it
-    reads (SSE) sends each list in one write: under load a read returns many tokens at once."""
+    reads (SSE) sends each list in one write: under load a read returns many tokens at once. The process' stream hub
+    reads it when many streams are open (`farm.stream_hub`: one XREAD for all of a process' readers)."""
     client = async_redis()
     key = redis_keys.job_stream(job_id)
-    last_id = "0-0"
-    sent = ""  # text of the current attempt read so far
-    check_at = time.time() + LOST_STREAM_CHECK_S
-    while True:
-        remaining = deadline + GRACE_S - time.time()
-        if remaining <= 0:
-            yield [
-                Failure(504, "timeout_error", "deadline_exceeded", "The request did not finish before its deadline.")
-            ]
-            return
-        try:
-            reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, _BLOCK_S) * 1000)), count=512)
-        except RedisTimeoutError:  # slow, not gone (a lost connection is a ConnectionError): read again
-            continue
-        if not reply and time.time() >= check_at:
-            check_at = time.time() + LOST_STREAM_CHECK_S
-            ended = None if await client.exists(key) else await run_db(job_row_outcome, job_id)
-            if ended is not None:
-                yield _rest_of(sent, *ended)
+    hub = stream_hub(client)
+    hub.readers += 1
+    subscription = (hub.subscribe(key) if hub.readers >= HUB_MIN_READERS else None) or OwnReads(client, key)
+    try:
+        sent = ""  # text of the current attempt read so far
+        check_at = time.time() + LOST_STREAM_CHECK_S
+        while True:
+            now = time.time()
+            remaining = deadline + GRACE_S - now
+            if remaining <= 0:
+                yield [
+                    Failure(
+                        504, "timeout_error", "deadline_exceeded", "The request did not finish before its deadline."
+                    )
+                ]
                 return
-        batch: list[StreamEvent] = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                last_id = entry_id
+            entries = await subscription.read(min(remaining, max(0.0, check_at - now)))
+            if entries:
+                check_at = time.time() + LOST_STREAM_CHECK_S
+            elif time.time() >= check_at:
+                check_at = time.time() + LOST_STREAM_CHECK_S
+                ended = None if await client.exists(key) else await run_db(job_row_outcome, job_id)
+                if ended is not None:
+                    yield _rest_of(sent, *ended)
+                    return
+            batch: list[StreamEvent] = []
+            for _entry_id, fields in entries:
                 event = stream_format.decode(fields[_FIELD])
                 batch.append(event)
                 if isinstance(event, End | Failure):
                     yield batch
                     return
                 sent = "" if isinstance(event, Restart) else sent + event.text
-        if batch:
-            yield batch
+            if batch:
+                yield batch
+    finally:
+        hub.readers -= 1
+        if isinstance(subscription, Subscription):
+            hub.unsubscribe(subscription)
+
+
+class OwnReads:
+    """A stream read by its own XREADs: while few streams are open, or a second reader of a stream the hub already
+    reads for another."""
+
+    def __init__(self, client: aioredis.Redis, key: str) -> None:
+        self.client, self.key, self.last_id = client, key, "0-0"
+
+    async def read(self, wait_s: float) -> list[Entry]:
+        block_ms = max(1, int(min(wait_s, BLOCK_S) * 1000))
+        try:
+            reply = await self.client.xread({self.key: self.last_id}, block=block_ms, count=COUNT)
+        except RedisTimeoutError:  # slow, not gone (a lost connection is a ConnectionError)
+            return []
+        entries = [entry for _stream, stream_entries in reply or () for entry in stream_entries]
+        if entries:
+            self.last_id = entries[-1][0]
+        return entries
 
 
 async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[StreamEvent]:

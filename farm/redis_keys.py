@@ -21,6 +21,11 @@ def job_stream(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:stream"
 
 
+def stream_hub_wakeup(hub_id: str) -> str:
+    """An API process' wake-up stream: a new reader XADDs to it to end the hub's blocked XREAD (`farm.stream_hub`)."""
+    return f"{PREFIX}stream-hub:{hub_id}"
+
+
 def job_claim(job_id: str, attempt: int) -> str:
     """Set once (NX) by the worker that runs this attempt: a duplicate delivery loses the claim."""
     return f"{PREFIX}job:{job_id}:claim:{attempt}"

@@ -1,7 +1,9 @@
 """A zero-cost engine behind the same `Engine` interface, for measuring the control plane alone.
 
 It "generates" `max_tokens` one-word tokens without computing anything, one token per event-loop turn (so concurrent
-requests interleave as they would across engine steps) or one every FARM_NULL_ENGINE_TOKEN_INTERVAL_S seconds.
+requests interleave as they would across engine steps) or one per "engine step" of FARM_NULL_ENGINE_TOKEN_INTERVAL_S
+seconds: every running request gets its token at the same tick, as a continuous-batching engine emits one output per
+running request per step (and a worker writes them to Redis together).
 Selected only by `FARM_NULL_ENGINE=1` on a worker (`bench/control_plane.py` sets it); never in production, where a
 spec always names a real engine.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,7 +58,11 @@ class NullEngine:
             yield EngineOutput(
                 text=" tok", tokens=1, finish_reason="length" if last else None, prompt_tokens=prompt_tokens
             )
-            await asyncio.sleep(self.token_interval_s)
+            await asyncio.sleep(self._until_next_step())
+
+    def _until_next_step(self) -> float:
+        interval = self.token_interval_s
+        return interval - time.monotonic() % interval if interval > 0 else 0.0
 
     async def abort(self, request_id: str) -> None:
         return None
