@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from farm import queues
 
@@ -51,4 +52,12 @@ def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: floa
     from farm.request_ids import celery_carry_request_ids
 
     celery_carry_request_ids()  # a job's x-request-id reaches its worker's log lines
+    worker_ready.connect(_freeze_startup, weak=False, dispatch_uid="farm-gc-freeze")
     return app
+
+
+def _freeze_startup(sender: object = None, **_: object) -> None:
+    """A worker is consuming: what it loaded to get here stays out of full collections (farm.garbage_collection)."""
+    from farm.garbage_collection import freeze_startup
+
+    freeze_startup(f"celery worker {getattr(sender, 'hostname', '')}")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import uvloop
 
+from farm.garbage_collection import freeze_startup, thawed
 from farm.redis_client import aioredis_connect
 from gpu_workers.engine import Engine, EngineConfig, create_engine
 from gpu_workers.stream_writer import StreamWriter
@@ -54,6 +55,7 @@ class EngineHost:
                 return create_engine(config)
 
             self.engines[config.spec_name] = self.run(build())
+            freeze_startup(f"engine {config.spec_name}")  # a spec loaded on demand: out of full collections too
         return self.engines[config.spec_name]
 
     def engine(self, spec_name: str) -> Engine | None:
@@ -67,7 +69,9 @@ class EngineHost:
             async def shutdown() -> None:
                 engine.shutdown()
 
-            self.run(shutdown())
+            with thawed():  # the engine's objects were frozen when it loaded: its cycles must be collectable
+                self.run(shutdown())
+                del engine
 
     def close(self) -> None:
         for name, engine in self.engines.items():

@@ -5,6 +5,8 @@ both answer through Django's middleware and views: same headers, same error log 
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -107,3 +109,61 @@ def test_other_paths_keep_djangos_per_request_thread_context(contexts: list[str]
     sent = drive("/healthz", method="GET")
     assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 200
     assert contexts == ["entered"]
+
+
+def test_generation_requests_leave_no_reference_cycles(settings) -> None:
+    """uvicorn answers `receive()` with `http.disconnect` once the response is complete. Django's disconnect
+    listener raised `RequestAborted` there, and the exception's traceback tied the handler's frame, request, response
+    and tasks into a cycle: ~72 objects per request left to the garbage collector, whose full collections then
+    stopped the API's event loop (BENCHMARKS.md, 2026-12-03). Now a request frees everything by reference count."""
+    settings.WHITENOISE_AUTOREFRESH = False  # as served (DEBUG=0): development mode builds a file index per request
+    handler = FarmASGIHandler()
+
+    async def one_request() -> int:
+        answered = asyncio.Event()
+        messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+            "query_string": b"",
+        }
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await answered.wait()  # as uvicorn: after the response, the connection's cycle reports a disconnect
+            return {"type": "http.disconnect"}
+
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        await handler(scope, receive, send)
+        await asyncio.sleep(0)  # the disconnect listener's last step
+        return status
+
+    async def requests() -> tuple[list[int], int, Counter]:
+        await one_request()  # first-use caches (URL resolver, middleware chain) are not garbage
+        gc.collect()
+        gc.disable()
+        try:
+            statuses = [await one_request() for _ in range(5)]
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            unreachable = gc.collect()
+            kinds = Counter(type(o).__qualname__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        return statuses, unreachable, kinds
+
+    statuses, unreachable, kinds = asyncio.run(requests())
+    assert statuses == [401] * 5
+    assert unreachable == 0, kinds.most_common(12)
