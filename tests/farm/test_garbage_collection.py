@@ -74,3 +74,26 @@ def test_celery_workers_freeze_once_ready() -> None:
     create_celery_app(broker_url="memory://")
     worker_ready.send(sender=None)
     assert gc.get_freeze_count() > 1000
+
+
+def test_engine_host_freezes_after_a_load_and_frees_an_unloaded_engines_cycles(monkeypatch, tmp_path) -> None:
+    """A spec loaded on demand is frozen with the rest; unloading it must still free its cycles (a vLLM engine's
+    objects hold each other), so the unload runs thawed."""
+    from gpu_workers import envs
+    from gpu_workers.engine import EngineConfig
+    from gpu_workers.engine_host import EngineHost
+    from settings import env
+
+    monkeypatch.setattr(envs, "FARM_NULL_ENGINE", True)  # the real host, the zero-cost engine
+    host = EngineHost(redis_url=env.REDIS_URL)
+    try:
+        engine = host.load(EngineConfig(spec_name="gc-test", model_path=tmp_path))
+        assert gc.get_freeze_count() > 1000
+        engine.me = engine  # type: ignore[attr-defined]  (a cycle, as a real engine's objects make)
+        gone = weakref.ref(engine)
+        del engine
+        host.unload("gc-test")
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000  # frozen again after the unload
+    finally:
+        host.close()
