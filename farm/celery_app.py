@@ -6,6 +6,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from farm import queues
+from farm.garbage_collection import freeze_startup
 
 
 def is_redis_url(url: str) -> bool:
@@ -58,6 +59,4 @@ def create_celery_app(*, broker_url: str, main: str = "farm", reap_every_s: floa
 
 def _freeze_startup(sender: object = None, **_: object) -> None:
     """A worker is consuming: what it loaded to get here stays out of full collections (farm.garbage_collection)."""
-    from farm.garbage_collection import freeze_startup
-
     freeze_startup(f"celery worker {getattr(sender, 'hostname', '')}")

@@ -71,7 +71,7 @@ class EngineHost:
 
             with thawed():  # the engine's objects were frozen when it loaded: its cycles must be collectable
                 self.run(shutdown())
-                del engine
+                del engine  # its last reference goes inside the block: frozen again after it, its cycles would leak
 
     def close(self) -> None:
         for name, engine in self.engines.items():
