@@ -4,6 +4,8 @@ themselves after their connection broke (a database restart, a cut network)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 
 import pytest
 from django.db import DatabaseError, connection
@@ -19,6 +21,18 @@ def select_one() -> int:
         return cursor.fetchone()[0]
 
 
+def on_every_thread(function: Callable[[], object], barrier: threading.Barrier) -> Callable[[], object]:
+    """`function` for a batch of POOL_SIZE concurrent calls that each hold their pool thread until all have started:
+    the batch runs once on every thread (the executor would otherwise hand a quick call to whichever thread is free,
+    and a thread might sit out many calls in a row)."""
+
+    def call() -> object:
+        barrier.wait(timeout=10)
+        return function()
+
+    return call
+
+
 def break_connection() -> None:
     connection.ensure_connection()
     connection.connection.close()  # the server side went away: Django's wrapper still holds the dead connection
@@ -30,13 +44,14 @@ def test_a_pool_thread_whose_connection_broke_reconnects_on_its_next_call() -> N
 
     async def scenario() -> list[str]:
         outcomes = []
-        for _ in range(POOL_SIZE):  # every pool thread's connection
-            await asyncio.gather(*(run_db(break_connection) for _ in range(POOL_SIZE)))
-        for _ in range(3 * POOL_SIZE):
-            try:
-                outcomes.append(str(await run_db(select_one)))
-            except DatabaseError:
-                outcomes.append("error")
+        broken = on_every_thread(break_connection, threading.Barrier(POOL_SIZE))
+        await asyncio.gather(*(run_db(broken) for _ in range(POOL_SIZE)))  # every pool thread's connection
+        for _ in range(3):
+            select = on_every_thread(select_one, threading.Barrier(POOL_SIZE))
+            for result in await asyncio.gather(*(run_db(select) for _ in range(POOL_SIZE)), return_exceptions=True):
+                if isinstance(result, BaseException) and not isinstance(result, DatabaseError):
+                    raise result
+                outcomes.append("error" if isinstance(result, DatabaseError) else str(result))
         return outcomes
 
     try:
