@@ -469,6 +469,54 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# Issue #8's control-plane bars (this 2-core machine).
+BAR_REQUESTS_PER_S = 500.0
+BAR_P99_MS = 50.0
+BAR_STREAMS = 1000
+BAR_STREAMS_RSS_MIB = 1024.0
+
+
+def _best_within_p99(rows: list[dict[str, Any]], level: str, label: str) -> tuple[float | None, str]:
+    """The highest requests/s of an error-free row whose p99 stayed within the bar, and which row that was."""
+    if not rows:
+        return None, "not run"
+    within = [r for r in rows if not r["errors"] and (r["latency_p99_ms"] or float("inf")) <= BAR_P99_MS]
+    if not within:
+        return 0.0, f"no level with p99 <= {BAR_P99_MS:g} ms"
+    best = max(within, key=lambda r: r["requests_per_s"])
+    return best["requests_per_s"], f"{label}={best[level]:g} {best['mode']}, p99 {best['latency_p99_ms']} ms"
+
+
+def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #8's bars on this run: the most requests/s a closed-loop level and an open-loop rate sustained with p99
+    <= 50 ms, and the open streams' errors and RSS. `passed` is None where the phase did not run (or ran fewer
+    streams than the bar)."""
+    out = []
+    for loop, phase, level, label in (("closed", "sweep", "concurrency", "c"), ("open", "rates", "rate", "rate")):
+        value, detail = _best_within_p99(results.get(phase) or [], level, label)
+        out.append(
+            {
+                "bar": f"requests/s with p99 <= {BAR_P99_MS:g} ms, {loop} loop >= {BAR_REQUESTS_PER_S:g}",
+                "value": value,
+                "detail": detail,
+                "passed": None if value is None else value >= BAR_REQUESTS_PER_S,
+            }
+        )
+    streams = results.get("streams") or {}
+    passed = None
+    if streams.get("streams", 0) >= BAR_STREAMS:
+        passed = streams["errors"] == 0 and streams["api_rss_peak_mib"] < BAR_STREAMS_RSS_MIB
+    out.append(
+        {
+            "bar": f"{BAR_STREAMS:,} open streams on one API process: 0 errors, RSS < {BAR_STREAMS_RSS_MIB:g} MiB",
+            "value": streams.get("api_rss_peak_mib"),
+            "detail": f"{streams['streams']} streams, {streams['errors']} errors" if streams else "not run",
+            "passed": passed,
+        }
+    )
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
     cols = [
         "concurrency",
@@ -509,6 +557,10 @@ def table(results: dict[str, Any]) -> str:
                 **results["streams"]
             ),
         ]
+    lines += ["", "| bar | value | where | result |", "|---|---|---|---|"]
+    for bar in results.get("bars", []):
+        result = {True: "pass", False: "FAIL", None: "n/a"}[bar["passed"]]
+        lines.append(f"| {bar['bar']} | {bar['value']} | {bar['detail']} | {result} |")
     return "\n".join(lines)
 
 
@@ -516,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     results = asyncio.run(run(args))
     results["machine"] = {"cpus": psutil.cpu_count(), "load_after": list(psutil.getloadavg())}
+    results["bars"] = bars(results)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"control-plane-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(results, indent=2))
