@@ -481,7 +481,9 @@ def _best_within_p99(rows: list[dict[str, Any]], level: str, label: str) -> tupl
     """The highest requests/s of an error-free row whose p99 stayed within the bar, and which row that was."""
     if not rows:
         return None, "not run"
-    within = [r for r in rows if not r["errors"] and (r["latency_p99_ms"] or float("inf")) <= BAR_P99_MS]
+    within = [
+        r for r in rows if not r["errors"] and r["latency_p99_ms"] is not None and r["latency_p99_ms"] <= BAR_P99_MS
+    ]
     if not within:
         return 0.0, f"no level with p99 <= {BAR_P99_MS:g} ms"
     best = max(within, key=lambda r: r["requests_per_s"])
@@ -558,7 +560,8 @@ def table(results: dict[str, Any]) -> str:
                 **results["streams"]
             ),
         ]
-    lines += ["", "| bar | value | where | result |", "|---|---|---|---|"]
+    if results.get("bars"):
+        lines += ["", "| bar | value | where | result |", "|---|---|---|---|"]
     for bar in results.get("bars", []):
         result = {True: "pass", False: "FAIL", None: "n/a"}[bar["passed"]]
         lines.append(f"| {bar['bar']} | {bar['value']} | {bar['detail']} | {result} |")

@@ -40,5 +40,4 @@ def thawed() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.collect()
-        gc.freeze()
+        freeze_startup("thawed block")
