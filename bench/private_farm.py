@@ -126,7 +126,9 @@ class PrivateFarm:
         self.manage("migrate", "--verbosity", "0")
         self.manage("loadmodels", str(self.models_yaml()))
         self.api_key = self.manage("createapikey", "--user", "bench", "--name", "bench").strip().splitlines()[-1]
-        self.spawn("control", processes.control_worker_command())
+        # With beat, as `runfarm`: the reaper's sweeps are part of the farm's cost, and a job whose message is lost is
+        # published again (without it, a lost message left its request waiting until the client gave up).
+        self.spawn("control", processes.control_worker_command(beat_schedule=str(self.home / "celerybeat-schedule")))
         self.spawn("api", processes.api_command(host="127.0.0.1", port=self.port))
         if worker:
             self.start_worker()

@@ -26,6 +26,11 @@ RECONNECT_RETRIES = 9
 RECONNECT_BACKOFF = {"base": 0.05, "cap": 1.0}
 # A pooled connection idle this long is PINGed before use (a dead one is replaced before the command is sent).
 HEALTH_CHECK_INTERVAL_S = 30
+# A sync client's connections; a thread that finds them all busy waits up to POOL_WAIT_S for one. (redis-py 8's
+# plain pool holds 100 and raises `MaxConnectionsError` at the 101st: a worker's 1,100 task threads claiming at once
+# under load failed their tasks, and Celery acked the messages, losing the jobs until the sweeper found them.)
+SYNC_POOL_CONNECTIONS = 128
+POOL_WAIT_S = 20.0
 
 _async_clients: dict[int, aioredis.Redis] = {}
 
@@ -38,9 +43,13 @@ def _options(retry_class: type) -> dict[str, Any]:
     }
 
 
-def redis_connect(url: str, **kwargs: Any) -> redis.Redis:
-    """A sync client for `url` that rides out a Redis restart (see the module)."""
-    return redis.Redis.from_url(url, **(_options(Retry) | kwargs))
+def redis_connect(url: str, *, max_connections: int = SYNC_POOL_CONNECTIONS, **kwargs: Any) -> redis.Redis:
+    """A sync client for `url` that rides out a Redis restart (see the module). Its pool blocks: with more threads
+    than `max_connections` using it at once, the others wait their turn (up to `POOL_WAIT_S`) instead of failing."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **(_options(Retry) | kwargs)
+    )
+    return redis.Redis.from_pool(pool)
 
 
 def aioredis_connect(url: str, **kwargs: Any) -> aioredis.Redis:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from farm import redis_keys
 from farm.redis_client import redis_connect
@@ -98,6 +99,11 @@ class LoadStats:
             self.consecutive_failures = 0
 
 
+class ClaimFailed(Exception):
+    """The claim's round trip to Redis failed: nothing ran and nothing was reported, so the message goes back to its
+    queue (`tasks.inference`) instead of being acked and lost."""
+
+
 @dataclass
 class _InFlight:
     attempt: int
@@ -150,8 +156,12 @@ class WorkerRuntime:
         return bool(claimed), bool(canceled)
 
     def run_inference(self, message: InferenceMessage) -> Outcome | None:
-        """Runs one job attempt to an outcome and reports it; None when another delivery already owns it."""
-        claimed, canceled = self.claim_unless_canceled(message)
+        """Runs one job attempt to an outcome and reports it; None when another delivery already owns it. Raises
+        `ClaimFailed` when Redis could not be asked (after `farm.redis_client`'s reconnect attempts)."""
+        try:
+            claimed, canceled = self.claim_unless_canceled(message)
+        except RedisError as exc:
+            raise ClaimFailed(f"job {message.job_id} attempt {message.attempt}: claim failed: {exc!r}") from exc
         if not claimed:
             log.info("job %s attempt %d already claimed: duplicate delivery ignored", message.job_id, message.attempt)
             return None

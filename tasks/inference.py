@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Reject
 
 from farm import queues
 
@@ -21,7 +22,11 @@ def generate(**payload: Any) -> None:
     message = InferenceMessage.from_kwargs(payload)
     # One INFO line per job, at its end (a second one per job was ~2.5 % of a busy worker's CPU).
     log.debug("job %s attempt %d received on %s", message.job_id, message.attempt, message.spec)
-    outcome = runtime.current().run_inference(message)
+    try:
+        outcome = runtime.current().run_inference(message)
+    except runtime.ClaimFailed as exc:  # nothing ran: back to the queue, for this worker or another
+        log.warning("%s; message requeued", exc)
+        raise Reject(str(exc), requeue=True) from exc
     if outcome is not None:
         log.info(
             "job %s attempt %d %s (%d prompt + %d completion tokens)",

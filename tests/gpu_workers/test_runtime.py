@@ -11,7 +11,7 @@ import pytest
 
 from farm import redis_keys
 from farm.celery_app import create_celery_app
-from farm.redis_client import sync_redis
+from farm.redis_client import redis_connect, sync_redis
 from gpu_workers.engine_host import EngineHost
 from gpu_workers.inference import InferenceMessage
 from gpu_workers.job_events import JobEventPublisher
@@ -149,3 +149,38 @@ def test_a_spec_that_fails_to_load_never_quarantines_the_worker(runtimes: list[W
     assert {(o.status, o.error["code"], o.error["retry"]) for o in outcomes} == {("failed", "spec_load_failed", True)}
     assert "broken-spec failed to load: ValueError: max_model_len too large" in outcomes[0].error["message"]
     assert runtime.status == "ready" and runtime.stats.consecutive_failures == 0
+
+
+def test_a_claim_that_cannot_reach_redis_sends_the_message_back_to_its_queue() -> None:
+    """Nothing ran and nothing was reported: the task rejects the message with requeue (Celery would otherwise ack it
+    as failed, and the job would wait for the sweeper), and no event is sent."""
+    from celery.exceptions import Reject
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from gpu_workers import runtime as runtime_module
+    from tasks.inference import generate
+    from tests.services import free_port
+
+    host = EngineHost(redis_url=env.REDIS_URL)
+    app = create_celery_app(broker_url=env.REDIS_URL, main="farm-worker-test")
+    worker = WorkerRuntime(
+        worker_id="worker-unreachable", redis_url=env.REDIS_URL, host=host, events=JobEventPublisher(app, "w")
+    )
+    worker.redis.close()
+    worker.redis = redis_connect(f"redis://127.0.0.1:{free_port()}/0", retry=Retry(NoBackoff(), 0))
+    sent: list[dict] = []
+    worker.events.send = lambda **event: sent.append(event)  # type: ignore[method-assign]
+    previous = runtime_module._current
+    runtime_module.install(worker)
+    try:
+        job = message(str(uuid.uuid4()))
+        with pytest.raises(Reject) as rejected:
+            generate.run(**{name: getattr(job, name) for name in InferenceMessage.__dataclass_fields__})
+        assert rejected.value.requeue is True
+        assert f"job {job.job_id} attempt 1: claim failed" in str(rejected.value.reason)
+        assert sent == [] and worker.running_jobs() == [] and worker.stats.running == 0
+    finally:
+        runtime_module._current = previous
+        worker.redis.close()
+        host.close()
