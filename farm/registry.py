@@ -85,30 +85,39 @@ _STALE_OK_S = 2.0
 _refreshing: asyncio.Task | None = None
 
 
+_generation = 0  # bumped by `registry_invalidate`: a read begun before it does not become the snapshot
+
+
 async def _read() -> _Snapshot:
     global _snapshot
+    generation = _generation
     client = async_redis()
     ids = [i.decode() for i in await client.smembers(redis_keys.WORKERS_SET)]
     values = await client.mget([redis_keys.worker(i) for i in ids]) if ids else []
     workers = _parse(values)
-    _snapshot = (time.monotonic() + _SNAPSHOT_S, workers, workers_by_spec(workers))
-    return _snapshot
+    snapshot = (time.monotonic() + _SNAPSHOT_S, workers, workers_by_spec(workers))
+    if generation == _generation:
+        _snapshot = snapshot
+    return snapshot
 
 
 async def _refresh() -> _Snapshot:
     """The cached snapshot; a stale one (expired under `_STALE_OK_S` ago) is served while a background task reads
-    the next; none (or a too old one) is read now."""
+    the next; with none (or a too old one) the caller waits for that read. One read at a time per process: when the
+    event loop lagged past `_STALE_OK_S` under a burst, every waiting request read the registry itself, each on a new
+    pooled connection, and the API spent a tenth of its CPU there exactly when it had none to spare."""
     global _refreshing
     now = time.monotonic()
     expires = _snapshot[0]
     if expires > now:
         return _snapshot
+    loop = asyncio.get_running_loop()
+    if _refreshing is None or _refreshing.done() or _refreshing.get_loop() is not loop:
+        _refreshing = loop.create_task(_read())
+        _refreshing.add_done_callback(_log_refresh_error)
     if expires and now - expires < _STALE_OK_S:
-        if _refreshing is None or _refreshing.done():
-            _refreshing = asyncio.get_running_loop().create_task(_read())
-            _refreshing.add_done_callback(_log_refresh_error)
         return _snapshot
-    return await _read()
+    return await asyncio.shield(_refreshing)  # a caller that gives up does not cancel the others' read
 
 
 def _log_refresh_error(task: asyncio.Task) -> None:
@@ -143,5 +152,7 @@ def live_workers_sync() -> tuple[list[LiveWorker], list[str]]:
 
 
 def registry_invalidate() -> None:
-    global _snapshot
+    global _snapshot, _refreshing, _generation
     _snapshot = (0.0, [], {})
+    _refreshing = None
+    _generation += 1

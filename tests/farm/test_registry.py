@@ -63,3 +63,28 @@ def test_stale_snapshot_is_served_while_the_next_is_read_in_the_background() -> 
         assert ids(await registry.live_workers()) == {"reg-1"}  # read now
 
     asyncio.run(scenario())
+
+
+def test_requests_that_find_no_usable_snapshot_share_one_read(monkeypatch) -> None:
+    """A burst that lags the loop past the stale window used to send every waiting request to Redis on its own."""
+    reads = 0
+    real_read = registry._read
+
+    async def counted_read() -> registry._Snapshot:
+        nonlocal reads
+        reads += 1
+        return await real_read()
+
+    monkeypatch.setattr(registry, "_read", counted_read)
+
+    async def scenario() -> None:
+        advertise("reg-1")
+        results = await asyncio.gather(*(registry.live_workers() for _ in range(50)))  # no snapshot yet
+        assert reads == 1 and all(ids(workers) == {"reg-1"} for workers in results)
+        _, workers, index = registry._snapshot
+        registry._snapshot = (time.monotonic() - registry._STALE_OK_S - 1, workers, index)  # too old to serve
+        advertise("reg-2")
+        results = await asyncio.gather(*(registry.live_workers() for _ in range(50)))
+        assert reads == 2 and all(ids(workers) == {"reg-1", "reg-2"} for workers in results)
+
+    asyncio.run(scenario())
