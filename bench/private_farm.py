@@ -2,7 +2,8 @@
 
 Its own FARM_HOME (SQLite database, logs) in a temporary directory, an embedded Valkey on a free port, the model
 declared by a generated models YAML (`manage.py loadmodels`), one API key (`manage.py createapikey`), then the control
-worker, the API and one worker from `farm.processes`. Nothing here touches the developer's `.farm/` or Redis.
+worker (with beat: the reaper and sweeper run as in `runfarm`), the API and one worker from `farm.processes`.
+Nothing here touches the developer's `.farm/` or Redis.
 """
 
 from __future__ import annotations
