@@ -1,7 +1,9 @@
 """Periodic repair (beat, `control` queue): nothing accepted is lost and nothing stays `running`.
 
 - running jobs whose worker has not been seen for a lease (FARM_JOB_LEASE_S) are requeued, or failed when their
-  attempts are exhausted; so are queued jobs claimed by a worker that died before it reported them running.
+  attempts are exhausted; so are queued jobs claimed by a worker that died before it reported them running, and,
+  a lease after it was first seen, a queued job claimed by a live worker that does not run it (the claim's reply was
+  lost: the worker's redelivered copy then found the attempt taken, by itself);
   "Seen" is the Worker row's `last_seen_at`, refreshed from the live registry at the start of each run, so a
   Redis restart (registry briefly empty) does not reap jobs whose workers are alive;
 - queued jobs past their deadline end `timed_out`;
@@ -95,8 +97,11 @@ def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report:
         pipe.execute()
 
 
-def _sweep_queued(client: Redis, now: _Now, sweep_after_s: float, report: ReapReport) -> None:
-    """Times out expired queued jobs; requeues those claimed by a dead worker; re-publishes those the broker lost."""
+def _sweep_queued(
+    client: Redis, live: dict[str, LiveWorker], now: _Now, sweep_after_s: float, report: ReapReport
+) -> None:
+    """Times out expired queued jobs; requeues those claimed by a dead worker, or a lease after it was first seen by
+    a live one that does not run them; re-publishes those the broker lost."""
     for job in Job.objects.filter(status=JobStatus.QUEUED, deadline_at__lt=now.at).only("pk", "attempt"):
         if jobs.job_transition(
             job_id=str(job.pk),
@@ -110,19 +115,35 @@ def _sweep_queued(client: Redis, now: _Now, sweep_after_s: float, report: ReapRe
     stale = Job.objects.select_related("spec").filter(
         status=JobStatus.QUEUED, dispatched_at__lt=now.at - timedelta(seconds=sweep_after_s)
     )
+    suspects = {k.decode(): float(v) for k, v in client.hgetall(redis_keys.REAPER_CLAIM_SUSPECTS).items()}
+    still_suspect: dict[str, float] = {}
     for job in stale.only("pk", "attempt", "dispatched_at", "kind", "request", "spec__name"):
         claimant = client.get(redis_keys.job_claim(str(job.pk), job.attempt))
         if claimant is not None:
-            if _silent(claimant.decode(), job.dispatched_at or now.at, now.seen, now.cutoff):
-                _requeue(
-                    job, f"worker {claimant.decode()} died before starting it", report, worker_id=claimant.decode()
-                )
+            worker_id = claimant.decode()
+            worker = live.get(worker_id)
+            if worker is None and _silent(worker_id, job.dispatched_at or now.at, now.seen, now.cutoff):
+                _requeue(job, f"worker {worker_id} died before starting it", report, worker_id=worker_id)
+            elif worker is not None and str(job.pk) not in worker.running_jobs:
+                # Its running (or outcome) event may be on its way: only a whole lease later is the claim orphaned.
+                key = f"{job.pk}:{job.attempt}"
+                first_seen = suspects.get(key, now.at.timestamp())
+                if now.at.timestamp() - first_seen >= now.lease_s:
+                    _requeue(job, f"worker {worker_id} claimed it and does not run it", report, worker_id=worker_id)
+                else:
+                    still_suspect[key] = first_seen
             continue
         queue = jobs.job_queue(job)
         if queue is not None and client.llen(queue) == 0:
             log.warning("job %s: message presumed lost by the broker; publishing attempt %d again", job.pk, job.attempt)
             jobs.job_dispatch(job_id=str(job.pk))
             report.republished.append(str(job.pk))
+
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(redis_keys.REAPER_CLAIM_SUSPECTS)
+        if still_suspect:
+            pipe.hset(redis_keys.REAPER_CLAIM_SUSPECTS, mapping=still_suspect)
+        pipe.execute()
 
     # Jobs waiting on others are released when those finish (`jobs_release_dependents`, after commit); this
     # catches a release lost with a crashed process. `job_dispatch` leaves the ones still waiting alone.
@@ -145,7 +166,7 @@ def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = Non
         seen=dict(Worker.objects.values_list("worker_id", "last_seen_at")),
     )
     _reap_running(client, live, now, report)
-    _sweep_queued(client, now, env.FARM_SWEEP_AFTER_S if sweep_after_s is None else sweep_after_s, report)
+    _sweep_queued(client, live, now, env.FARM_SWEEP_AFTER_S if sweep_after_s is None else sweep_after_s, report)
     report.failed_over = jobs_failover_queued(now=at, after_s=env.FARM_FAILOVER_AFTER_S)
     if any((report.requeued, report.failed, report.timed_out, report.republished, report.failed_over)):
         log.info("reaper: %s", report)

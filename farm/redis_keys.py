@@ -39,6 +39,8 @@ def job_cancel(job_id: str) -> str:
 # Hash the reaper keeps across runs: "<job id>:<attempt>" -> epoch seconds when a live worker was first seen not
 # running a job the database says it runs (its outcome event may still be on its way).
 REAPER_SUSPECTS = PREFIX + "reaper:suspects"
+# The same for queued jobs whose attempt a live worker claimed but does not run (a claim whose reply was lost).
+REAPER_CLAIM_SUSPECTS = PREFIX + "reaper:claim-suspects"
 
 # Pub/sub channel on which cancellations are announced to every worker (payload: job id).
 CANCEL_CHANNEL = PREFIX + "cancel"

@@ -144,3 +144,52 @@ def test_a_queued_job_past_its_deadline_times_out(running_job: Job) -> None:
     assert report.timed_out == [str(running_job.pk)]
     running_job.refresh_from_db()
     assert running_job.status == JobStatus.TIMED_OUT
+
+
+def claimed_but_queued(job: Job, worker_id: str) -> str:
+    """`job` back to queued (dispatched two leases ago) with its attempt claimed by `worker_id`: what a claim whose
+    reply was lost leaves behind (the worker's redelivered copy then finds the attempt taken and ignores it)."""
+    dispatched_at = timezone.now() - timedelta(seconds=2 * LEASE_S)
+    Job.objects.filter(pk=job.pk).update(
+        status=JobStatus.QUEUED, worker_id="", started_at=None, dispatched_at=dispatched_at
+    )
+    claim = redis_keys.job_claim(str(job.pk), 1)
+    sync_redis().set(claim, worker_id, ex=60)
+    sync_redis().delete(redis_keys.REAPER_CLAIM_SUSPECTS)
+    return claim
+
+
+def test_a_claim_a_live_worker_does_not_run_is_released_a_lease_after_it_was_seen(running_job: Job) -> None:
+    claim = claimed_but_queued(running_job, "w-live")
+    try:
+        advertise("w-live", [])
+        assert jobs_reap(sweep_after_s=0, lease_s=LEASE_S).requeued == []  # first sighting: only marked
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 1)
+        marked = sync_redis().hget(redis_keys.REAPER_CLAIM_SUSPECTS, f"{running_job.pk}:1")
+        assert marked is not None and abs(float(marked) - time.time()) < 5
+        assert sync_redis().llen(queues.infer_queue(SPEC)) == 0  # claimed: not mistaken for a lost message
+
+        sync_redis().hset(redis_keys.REAPER_CLAIM_SUSPECTS, f"{running_job.pk}:1", time.time() - LEASE_S - 1)
+        report = jobs_reap(sweep_after_s=0, lease_s=LEASE_S)
+        assert report.requeued == [str(running_job.pk)]
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
+        assert sync_redis().llen(queues.infer_queue(SPEC)) == 1  # attempt 2 published
+        assert sync_redis().hlen(redis_keys.REAPER_CLAIM_SUSPECTS) == 0
+    finally:
+        sync_redis().delete(claim, redis_keys.REAPER_CLAIM_SUSPECTS)
+
+
+def test_a_claimed_job_its_live_worker_runs_is_left_alone(running_job: Job) -> None:
+    """Claimed and running on the worker, its `running` event not applied yet (a busy control queue)."""
+    claim = claimed_but_queued(running_job, "w-live")
+    try:
+        advertise("w-live", [str(running_job.pk)])
+        for _ in range(2):
+            assert jobs_reap(sweep_after_s=0, lease_s=LEASE_S).requeued == []
+        assert sync_redis().hlen(redis_keys.REAPER_CLAIM_SUSPECTS) == 0
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 1)
+    finally:
+        sync_redis().delete(claim, redis_keys.REAPER_CLAIM_SUSPECTS)
