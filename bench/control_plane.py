@@ -102,6 +102,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "postgres://postgres@127.0.0.1:5432/postgres), created and dropped by the bench; default: "
         "SQLite (as `make run`)",
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take before it counts as an error (default %(default)s): a lost job shows as an "
+        "error instead of a run that never ends",
+    )
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     return parser.parse_args(argv)
 
@@ -116,12 +123,12 @@ class Timed:
 
 
 class Client:
-    def __init__(self, base_url: str, api_key: str, model: str) -> None:
+    def __init__(self, base_url: str, api_key: str, model: str, *, request_timeout: float = 120.0) -> None:
         self.url = f"{base_url}/v1/chat/completions"
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_read=600)
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=request_timeout)
         )
 
     async def send(self, *, stream: bool, max_tokens: int) -> Timed:
@@ -317,12 +324,12 @@ async def open_streams(farm: PrivateFarm, client: Client, *, count: int, tokens:
     }
 
 
-async def ready_client(farm: PrivateFarm) -> Client:
+async def ready_client(farm: PrivateFarm, *, request_timeout: float) -> Client:
     """A client of `farm` once it is ready and has answered one request."""
     while await http_status(f"{farm.base_url}/readyz") != 200:
         farm.check_alive()
         await asyncio.sleep(0.5)
-    client = Client(farm.base_url, farm.api_key, farm.model_name)
+    client = Client(farm.base_url, farm.api_key, farm.model_name, request_timeout=request_timeout)
     while (await client.send(stream=False, max_tokens=1)).error:
         farm.check_alive()
         await asyncio.sleep(0.5)
@@ -402,7 +409,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     client: Client | None = None
     saved_affinity: dict[int, list[int]] = {}
     try:
-        client = await ready_client(farm)
+        client = await ready_client(farm, request_timeout=args.request_timeout)
         if args.split_cores:
             saved_affinity = split_cores(farm)
         await warm_up(client, args)
@@ -456,7 +463,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             farm.start()
-            client = await ready_client(farm)
+            client = await ready_client(farm, request_timeout=args.request_timeout)
             results["streams"] = await open_streams(farm, client, count=args.open_streams, tokens=args.stream_tokens)
             print(json.dumps(results["streams"]), flush=True)
     finally:
