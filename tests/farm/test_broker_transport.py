@@ -116,6 +116,31 @@ def test_a_batch_whose_consumer_dies_before_acking_comes_back() -> None:
         channel._create_client().delete(name)
 
 
+def test_a_message_rejected_with_requeue_goes_back_to_its_queue() -> None:
+    """What `tasks.inference` does when a claim cannot reach Redis (`Reject(requeue=True)`): on a worker's event loop
+    (acks flushed per turn), the batch-recorded message leaves the unacked index and is delivered again."""
+    name = f"farm-test-reject-{uuid.uuid4().hex}"
+    with Connection(os.environ["REDIS_URL"], transport=REDIS_TRANSPORT) as connection:
+        channel = connection.default_channel
+        queue = _queue_with_messages(connection, name, 2)
+        bodies: list[int] = []
+        with Consumer(channel, [queue], callbacks=[lambda body, message: bodies.append(body["n"])], no_ack=False):
+            connection.drain_events(timeout=5)
+            channel.connection.flushes_acks = True  # what `Transport.register_with_event_loop` sets
+            first, second = channel.qos._delivered.values()
+            first.reject(requeue=True)
+            second.ack()
+            channel.qos.flush_acks()
+            assert not {first.delivery_tag, second.delivery_tag} & _unacked_tags(channel)
+            assert channel._create_client().llen(name) == 1
+            connection.drain_events(timeout=5)
+            assert bodies == [0, 1, 0]  # the rejected one came back
+            for message in list(channel.qos._delivered.values()):
+                message.ack()
+            channel.qos.flush_acks()
+        channel._create_client().delete(name)
+
+
 def test_servers_without_blmpop_get_kombus_brpop() -> None:
     name = f"farm-test-brpop-{uuid.uuid4().hex}"
     with Connection(os.environ["REDIS_URL"], transport=REDIS_TRANSPORT) as connection:
