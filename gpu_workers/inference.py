@@ -8,9 +8,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from farm import redis_keys, stream_format
 from farm.stream_format import Delta, End, Failure, Restart
 from gpu_workers.engine import Engine, EngineInputError, PreparedRequest, SamplingOptions
 from gpu_workers.stream_writer import StreamWriter
@@ -85,12 +82,11 @@ def prepare(engine: Engine, message: InferenceMessage) -> PreparedRequest:
     )
 
 
-async def write_failure(redis: aioredis.Redis, job_id: str, failure: Failure) -> None:
-    key = redis_keys.job_stream(job_id)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, {stream_format.FIELD: stream_format.encode(failure)})
-        pipe.expire(key, redis_keys.STREAM_TTL_S)
-        await pipe.execute()
+async def write_failure(writer: StreamWriter, job_id: str, failure: Failure) -> None:
+    """Ends the job's stream with `failure`, through the engine loop's writer: a burst of them (a backlog whose
+    deadlines passed together) goes out in a few pipelines on one connection, not one connection each."""
+    writer.append(job_id, failure, final=True)
+    await writer.flushed()
 
 
 @dataclass

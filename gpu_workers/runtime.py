@@ -174,7 +174,7 @@ class WorkerRuntime:
             return Outcome(status="requeue")
         if message.deadline <= time.time():
             failure = Failure(504, "timeout_error", "deadline_exceeded", "The job expired before it could start.")
-            self.host.run(write_failure(self.host.redis, message.job_id, failure))
+            self.host.run(write_failure(self.host.writer, message.job_id, failure))
             send(
                 job_id=message.job_id,
                 attempt=message.attempt,
@@ -240,7 +240,7 @@ class WorkerRuntime:
                 prepared = self.adapters.attach(engine, prepared, job_id=message.job_id, adapter=message.adapter)
         except EngineInputError as exc:
             failure, outcome = input_error_outcome(exc)
-            self.host.run(write_failure(self.host.redis, message.job_id, failure))
+            self.host.run(write_failure(self.host.writer, message.job_id, failure))
             return outcome
         counted = TokenCount()
         future = self.host.submit(

@@ -184,3 +184,46 @@ def test_a_claim_that_cannot_reach_redis_sends_the_message_back_to_its_queue() -
         runtime_module._current = previous
         worker.redis.close()
         host.close()
+
+
+def test_a_burst_of_expired_jobs_reports_every_timeout_through_one_writer(runtimes: list[WorkerRuntime]) -> None:
+    """A backlog whose deadlines passed together: each job's 504 is written through the engine loop's stream writer.
+    Written one pipeline (and pooled connection) per job, 24 of them at once overran a 2-connection pool."""
+    import concurrent.futures
+
+    from farm import stream_format
+    from farm.redis_client import aioredis_connect
+    from farm.stream_format import Failure
+    from gpu_workers.stream_writer import StreamWriter
+
+    runtime = runtimes[0]
+    host = runtime.host
+
+    async def small_pool():
+        return aioredis_connect(env.REDIS_URL, max_connections=2)
+
+    host.run(host.redis.aclose())
+    host.redis = host.run(small_pool())  # closed with the host
+    host.writer = StreamWriter(host.redis)
+    jobs = [str(uuid.uuid4()) for _ in range(24)]
+    expired = [
+        InferenceMessage(
+            job_id=job_id,
+            attempt=1,
+            spec="tiny-llama-cpu",
+            kind="chat.completion",
+            request={"messages": [{"role": "user", "content": "hi"}]},
+            deadline=time.time() - 1,
+        )
+        for job_id in jobs
+    ]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(expired)) as pool:
+        outcomes = list(pool.map(runtime.run_inference, expired))
+    assert [outcome.status for outcome in outcomes] == ["timed_out"] * len(jobs)
+    client = sync_redis()
+    for job_id in jobs:
+        [(_, fields)] = client.xrange(redis_keys.job_stream(job_id))
+        event = stream_format.decode(fields[stream_format.FIELD.encode()])
+        assert isinstance(event, Failure) and (event.status, event.code) == (504, "deadline_exceeded")
+        assert 0 < client.ttl(redis_keys.job_stream(job_id)) <= redis_keys.STREAM_TTL_S
+        client.delete(redis_keys.job_stream(job_id), redis_keys.job_claim(job_id, 1))
