@@ -72,29 +72,52 @@ class _Now:
         return (self.at - self.cutoff).total_seconds()
 
 
+class _Suspects:
+    """Jobs a live worker was seen not running although their state says it should (`<job id>:<attempt>` -> epoch
+    seconds of the first sighting), kept across reaper runs in a Redis hash: a job is given up on only once it has
+    been a suspect for a whole lease (its event may still be on its way through a busy control queue)."""
+
+    def __init__(self, client: Redis, key: str, now: _Now) -> None:
+        self._client, self._key, self._now = client, key, now
+        self._seen = {k.decode(): float(v) for k, v in client.hgetall(key).items()}
+        self._still: dict[str, float] = {}
+
+    def overdue(self, job: Job) -> bool:
+        """Records a sighting of `job`; True once it was first seen a whole lease ago (it is then dropped)."""
+        key, at = f"{job.pk}:{job.attempt}", self._now.at.timestamp()
+        first_seen = self._seen.get(key, at)
+        if at - first_seen >= self._now.lease_s:
+            return True
+        self._still[key] = first_seen
+        return False
+
+    def save(self) -> None:
+        """Keeps this run's suspects; the others (ended, running again, requeued) are forgotten."""
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key)
+            if self._still:
+                pipe.hset(self._key, mapping=self._still)
+            pipe.execute()
+
+
 def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report: ReapReport) -> None:
     """Requeues running jobs whose worker went silent, or that a live worker has not run for a whole lease."""
-    suspects = {k.decode(): float(v) for k, v in client.hgetall(redis_keys.REAPER_SUSPECTS).items()}
-    still_suspect: dict[str, float] = {}
+    suspects = _Suspects(client, redis_keys.REAPER_SUSPECTS, now)
     for job in Job.objects.filter(status=JobStatus.RUNNING).only("pk", "attempt", "worker_id", "started_at"):
         worker = live.get(job.worker_id)
         started = job.started_at or now.at
         if worker is None and _silent(job.worker_id, started, now.seen, now.cutoff):
             _requeue(job, f"worker {job.worker_id or '?'} went silent", report, worker_id=job.worker_id or "?")
-        elif worker is not None and str(job.pk) not in worker.running_jobs and started < now.cutoff:
-            # Alive but not running it: its outcome event is on its way (a busy control queue) or was lost (a broker
-            # restart). Only after a whole lease of not running it is the event presumed lost and the job run again.
-            key = f"{job.pk}:{job.attempt}"
-            first_seen = suspects.get(key, now.at.timestamp())
-            if now.at.timestamp() - first_seen >= now.lease_s:
-                _requeue(job, f"worker {job.worker_id} no longer runs it", report, worker_id=job.worker_id)
-            else:
-                still_suspect[key] = first_seen
-    with client.pipeline(transaction=True) as pipe:
-        pipe.delete(redis_keys.REAPER_SUSPECTS)
-        if still_suspect:
-            pipe.hset(redis_keys.REAPER_SUSPECTS, mapping=still_suspect)
-        pipe.execute()
+        # Alive but not running it: its outcome event is on its way (a busy control queue) or was lost (a broker
+        # restart). Only after a whole lease of not running it is the event presumed lost and the job run again.
+        elif (
+            worker is not None
+            and str(job.pk) not in worker.running_jobs
+            and started < now.cutoff
+            and suspects.overdue(job)
+        ):
+            _requeue(job, f"worker {job.worker_id} no longer runs it", report, worker_id=job.worker_id)
+    suspects.save()
 
 
 def _sweep_queued(
@@ -115,8 +138,7 @@ def _sweep_queued(
     stale = Job.objects.select_related("spec").filter(
         status=JobStatus.QUEUED, dispatched_at__lt=now.at - timedelta(seconds=sweep_after_s)
     )
-    suspects = {k.decode(): float(v) for k, v in client.hgetall(redis_keys.REAPER_CLAIM_SUSPECTS).items()}
-    still_suspect: dict[str, float] = {}
+    suspects = _Suspects(client, redis_keys.REAPER_CLAIM_SUSPECTS, now)
     for job in stale.only("pk", "attempt", "dispatched_at", "kind", "request", "spec__name"):
         claimant = client.get(redis_keys.job_claim(str(job.pk), job.attempt))
         if claimant is not None:
@@ -124,14 +146,9 @@ def _sweep_queued(
             worker = live.get(worker_id)
             if worker is None and _silent(worker_id, job.dispatched_at or now.at, now.seen, now.cutoff):
                 _requeue(job, f"worker {worker_id} died before starting it", report, worker_id=worker_id)
-            elif worker is not None and str(job.pk) not in worker.running_jobs:
-                # Its running (or outcome) event may be on its way: only a whole lease later is the claim orphaned.
-                key = f"{job.pk}:{job.attempt}"
-                first_seen = suspects.get(key, now.at.timestamp())
-                if now.at.timestamp() - first_seen >= now.lease_s:
-                    _requeue(job, f"worker {worker_id} claimed it and does not run it", report, worker_id=worker_id)
-                else:
-                    still_suspect[key] = first_seen
+            # Its running (or outcome) event may be on its way: only a whole lease later is the claim orphaned.
+            elif worker is not None and str(job.pk) not in worker.running_jobs and suspects.overdue(job):
+                _requeue(job, f"worker {worker_id} claimed it and does not run it", report, worker_id=worker_id)
             continue
         queue = jobs.job_queue(job)
         if queue is not None and client.llen(queue) == 0:
@@ -139,11 +156,7 @@ def _sweep_queued(
             jobs.job_dispatch(job_id=str(job.pk))
             report.republished.append(str(job.pk))
 
-    with client.pipeline(transaction=True) as pipe:
-        pipe.delete(redis_keys.REAPER_CLAIM_SUSPECTS)
-        if still_suspect:
-            pipe.hset(redis_keys.REAPER_CLAIM_SUSPECTS, mapping=still_suspect)
-        pipe.execute()
+    suspects.save()
 
     # Jobs waiting on others are released when those finish (`jobs_release_dependents`, after commit); this
     # catches a release lost with a crashed process. `job_dispatch` leaves the ones still waiting alone.

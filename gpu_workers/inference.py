@@ -129,8 +129,7 @@ async def stream_generation(
                     finish_reason = output.finish_reason
     except TimeoutError:  # leaving the generator aborts the vLLM request and frees its KV cache
         message = "The request did not finish before its deadline."
-        writer.append(job_id, Failure(504, "timeout_error", "deadline_exceeded", message), final=True)
-        await writer.flushed()
+        await write_failure(writer, job_id, Failure(504, "timeout_error", "deadline_exceeded", message))
         return Outcome(
             status="timed_out",
             text="".join(parts),
