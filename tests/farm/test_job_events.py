@@ -3,6 +3,7 @@ database: the same outcome as one event at a time, in a number of statements tha
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -212,17 +213,49 @@ def test_bulk_gives_the_same_jobs_history_and_usage_as_one_event_at_a_time(
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (10, 50, 30)
 
 
+class StatementCounter:
+    """A `connection.execute_wrapper` counting the statements the database runs: an `executemany` runs one per
+    parameter set (Django's query log lists it once)."""
+
+    def __init__(self) -> None:
+        self.statements = 0
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        self.statements += len(params) if many else 1
+        return execute(sql, params, many, context)
+
+
 @pytest.mark.django_db
-def test_a_run_costs_statements_per_changed_job_not_per_event(key: ApiKey, django_assert_max_num_queries) -> None:
-    """One locking read, one UPDATE per job, one history INSERT, one usage UPDATE, one dependents read, the batch
-    lines read, the transaction. One at a time each event costs its own transaction and two to eight statements."""
-    job_ids = new_jobs(key, 20)
-    Usage.objects.create(api_key=key, owner_id=key.owner_id, model="job-events-model", day=timezone.now().date())
+@pytest.mark.parametrize("jobs", [1, 20])
+def test_a_run_costs_the_same_statements_for_one_job_or_twenty(key: ApiKey, jobs: int) -> None:
+    """One locking read, one UPDATE ... FROM VALUES, one history INSERT, one usage upsert, then the dependents and
+    batch reads after it: a fixed handful, whatever the run's length (one UPDATE per job before; one at a time
+    each event costs its own transaction and two to eight statements)."""
+    from django.db import connection
+
+    job_ids = new_jobs(key, jobs)
     events = [event(JobStatus.RUNNING, job_id) for job_id in job_ids]
     events += [event(JobStatus.SUCCEEDED, job_id, result=RESULT, usage=USAGE) for job_id in job_ids]
-    with django_assert_max_num_queries(len(job_ids) + 8):
-        assert job_apply_events(events=events) == 40
+    counter = StatementCounter()
+    with connection.execute_wrapper(counter):
+        assert job_apply_events(events=events) == 2 * jobs
+    assert counter.statements <= 6
     assert set(Job.objects.filter(pk__in=job_ids).values_list("status", flat=True)) == {JobStatus.SUCCEEDED}
+    usage = Usage.objects.get(api_key=key)
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (jobs, 5 * jobs, 3 * jobs)
+
+
+@pytest.mark.django_db
+def test_a_long_run_is_written_in_chunks(key: ApiKey, monkeypatch) -> None:
+    """More changed jobs than one UPDATE takes: every one of them still moves, with its own values."""
+    monkeypatch.setattr(farm.job_events, "ROWS_PER_UPDATE", 3)
+    job_ids = new_jobs(key, 7)
+    events = [event(JobStatus.RUNNING, job_id, worker_id=f"w{n}") for n, job_id in enumerate(job_ids)]
+    assert job_apply_events(events=events) == 7
+    jobs = Job.objects.in_bulk(job_ids)
+    assert [(jobs[j].status, jobs[j].worker_id) for j in map(uuid.UUID, job_ids)] == [
+        (JobStatus.RUNNING, f"w{n}") for n in range(7)
+    ]
 
 
 @pytest.mark.django_db
