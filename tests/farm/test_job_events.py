@@ -228,9 +228,9 @@ class StatementCounter:
 @pytest.mark.django_db
 @pytest.mark.parametrize("jobs", [1, 20])
 def test_a_run_costs_the_same_statements_for_one_job_or_twenty(key: ApiKey, jobs: int) -> None:
-    """One locking read, one UPDATE ... FROM VALUES, one history INSERT, one usage upsert, then the dependents and
-    batch reads after it: a fixed handful, whatever the run's length (one UPDATE per job before; one at a time
-    each event costs its own transaction and two to eight statements)."""
+    """One locking read, one UPDATE of every changed job, one history INSERT, one usage upsert, and the transaction
+    (a savepoint inside the test's): 6 whatever the run's length (28 for 20 jobs with one UPDATE per job and the
+    usage ORM's update-then-create; one at a time each event costs its own transaction and two to eight)."""
     from django.db import connection
 
     job_ids = new_jobs(key, jobs)
