@@ -14,6 +14,7 @@ one by one in order.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -222,6 +223,11 @@ def _read_locked(cursor: Any, ids: list[str]) -> tuple[dict[str, JobRow], set[st
     return rows, waited_on, batch_of
 
 
+def update_from_supported() -> bool:
+    """Whether the database has UPDATE ... FROM: SQLite only since 3.33, and Django supports 3.31."""
+    return connection.vendor != "sqlite" or sqlite3.sqlite_version_info >= (3, 33)
+
+
 # Jobs per UPDATE (at most 2 + 7 parameters each where they are not arrays: within every backend's limit).
 ROWS_PER_UPDATE = 500
 
@@ -241,6 +247,14 @@ def _write_rows(cursor: Any, rows: dict[str, JobRow]) -> None:
     table = _q(Job._meta.db_table)
     active = ", ".join(f"'{status}'" for status in (JobStatus.QUEUED, JobStatus.RUNNING))
     for names, params in shapes.items():
+        if not update_from_supported():
+            assignments = ", ".join(f"{_col(Job, name)} = %s" for name in names)
+            cursor.executemany(
+                f"UPDATE {table} SET {assignments} WHERE {_q(pk.column)} = %s "
+                f"AND {_col(Job, 'attempt')} = %s AND {_col(Job, 'status')} IN ({active})",
+                [[*row_params[2:], *row_params[:2]] for row_params in params],
+            )
+            continue
         fields = [pk.name, "attempt", *names]
         aliases = ["id", "attempt", *(f"c{index}" for index in range(len(names)))]
         assignments = ", ".join(f"{_col(Job, name)} = v.c{index}" for index, name in enumerate(names))

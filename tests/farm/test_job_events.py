@@ -246,6 +246,17 @@ def test_a_run_costs_the_same_statements_for_one_job_or_twenty(key: ApiKey, jobs
 
 
 @pytest.mark.django_db
+def test_without_update_from_the_rows_are_written_one_statement_each(key: ApiKey, monkeypatch) -> None:
+    """SQLite before 3.33 (Django supports 3.31) has no UPDATE ... FROM: the same outcome, one UPDATE per job."""
+    monkeypatch.setattr(farm.job_events, "update_from_supported", lambda: False)
+    one_by_one, bulk = new_jobs(key, 4), new_jobs(key, 4)
+    for e in worker_message(one_by_one):
+        job_apply_event(**e)
+    assert job_apply_events(events=worker_message(bulk)) == 7
+    assert outcome(bulk) == outcome(one_by_one)
+
+
+@pytest.mark.django_db
 def test_a_long_run_is_written_in_chunks(key: ApiKey, monkeypatch) -> None:
     """More changed jobs than one UPDATE takes: every one of them still moves, with its own values."""
     monkeypatch.setattr(farm.job_events, "ROWS_PER_UPDATE", 3)
