@@ -41,15 +41,17 @@ class ReapReport:
     failed_over: list[str] = field(default_factory=list)
 
 
-def _requeue(job: Job, reason: str, report: ReapReport, *, worker_id: str) -> None:
-    """Requeues a job its worker (`worker_id`) lost; that worker's death counts once against the spec."""
+def _requeue(job: Job, reason: str, report: ReapReport, *, worker_id: str, worker_died: bool) -> None:
+    """Requeues a job its worker (`worker_id`) lost. A dead worker counts once against the spec (it may be the spec
+    that kills it); a live one that lost track of the job (a lost reply or event) does not: the spec is not backed
+    off and the job stays on it."""
     requeued = jobs.job_requeue(job_id=str(job.pk), attempt=job.attempt, reason=reason, worker_id="reaper")
     if requeued is None:
         return
     if requeued.failed:
         report.failed.append(str(job.pk))
         return
-    job_failover_dispatch(job_id=str(job.pk), failed=True, reason=reason, cause=f"worker:{worker_id}")
+    job_failover_dispatch(job_id=str(job.pk), failed=worker_died, reason=reason, cause=f"worker:{worker_id}")
     report.requeued.append(str(job.pk))
 
 
@@ -107,7 +109,8 @@ def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report:
         worker = live.get(job.worker_id)
         started = job.started_at or now.at
         if worker is None and _silent(job.worker_id, started, now.seen, now.cutoff):
-            _requeue(job, f"worker {job.worker_id or '?'} went silent", report, worker_id=job.worker_id or "?")
+            worker_id = job.worker_id or "?"
+            _requeue(job, f"worker {worker_id} went silent", report, worker_id=worker_id, worker_died=True)
         # Alive but not running it: its outcome event is on its way (a busy control queue) or was lost (a broker
         # restart). Only after a whole lease of not running it is the event presumed lost and the job run again.
         elif (
@@ -116,7 +119,8 @@ def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report:
             and started < now.cutoff
             and suspects.overdue(job)
         ):
-            _requeue(job, f"worker {job.worker_id} no longer runs it", report, worker_id=job.worker_id)
+            reason = f"worker {job.worker_id} no longer runs it"
+            _requeue(job, reason, report, worker_id=job.worker_id, worker_died=False)
     suspects.save()
 
 
@@ -145,10 +149,12 @@ def _sweep_queued(
             worker_id = claimant.decode()
             worker = live.get(worker_id)
             if worker is None and _silent(worker_id, job.dispatched_at or now.at, now.seen, now.cutoff):
-                _requeue(job, f"worker {worker_id} died before starting it", report, worker_id=worker_id)
+                reason = f"worker {worker_id} died before starting it"
+                _requeue(job, reason, report, worker_id=worker_id, worker_died=True)
             # Its running (or outcome) event may be on its way: only a whole lease later is the claim orphaned.
             elif worker is not None and str(job.pk) not in worker.running_jobs and suspects.overdue(job):
-                _requeue(job, f"worker {worker_id} claimed it and does not run it", report, worker_id=worker_id)
+                reason = f"worker {worker_id} claimed it and does not run it"
+                _requeue(job, reason, report, worker_id=worker_id, worker_died=False)
             continue
         queue = jobs.job_queue(job)
         if queue is not None and client.llen(queue) == 0:

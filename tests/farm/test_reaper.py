@@ -100,6 +100,10 @@ def test_an_outcome_on_its_way_is_not_mistaken_for_a_lost_one(running_job: Job) 
 
 
 def test_an_outcome_lost_for_a_whole_lease_requeues_the_job(running_job: Job) -> None:
+    """A live worker lost track of the job (its event was lost): run again, and its spec is not backed off."""
+    from farm.spec_health import spec_backoff_clear, spec_backoffs_sync
+
+    spec_backoff_clear(spec=SPEC)
     advertise("w-live", [])
     jobs_reap(lease_s=LEASE_S)
     sync_redis().hset(redis_keys.REAPER_SUSPECTS, f"{running_job.pk}:1", time.time() - LEASE_S - 1)
@@ -108,6 +112,7 @@ def test_an_outcome_lost_for_a_whole_lease_requeues_the_job(running_job: Job) ->
     running_job.refresh_from_db()
     assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
     assert sync_redis().llen(queues.infer_queue(SPEC)) == 1  # attempt 2 published
+    assert SPEC not in spec_backoffs_sync()
 
 
 def test_a_silent_worker_loses_its_job(running_job: Job) -> None:
@@ -160,6 +165,10 @@ def claimed_but_queued(job: Job, worker_id: str) -> str:
 
 
 def test_a_claim_a_live_worker_does_not_run_is_released_a_lease_after_it_was_seen(running_job: Job) -> None:
+    """The claim's reply was lost: the job runs again, and its spec is not backed off (nothing failed)."""
+    from farm.spec_health import spec_backoff_clear, spec_backoffs_sync
+
+    spec_backoff_clear(spec=SPEC)
     claim = claimed_but_queued(running_job, "w-live")
     try:
         advertise("w-live", [])
@@ -177,6 +186,7 @@ def test_a_claim_a_live_worker_does_not_run_is_released_a_lease_after_it_was_see
         assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
         assert sync_redis().llen(queues.infer_queue(SPEC)) == 1  # attempt 2 published
         assert sync_redis().hlen(redis_keys.REAPER_CLAIM_SUSPECTS) == 0
+        assert SPEC not in spec_backoffs_sync()
     finally:
         sync_redis().delete(claim, redis_keys.REAPER_CLAIM_SUSPECTS)
 
