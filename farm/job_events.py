@@ -4,7 +4,7 @@ Nearly every event is an inference job starting (`running`) or answering (`succe
 cost a transaction and two to eight statements (the guarded UPDATE, its history row, the fine-tune check, the
 usage read and write, the dependents query): most of the control worker's CPU per request (BENCHMARKS.md,
 2026-12-02). A run of them here costs a fixed handful of statements whatever its length: one locking read of its
-jobs, one UPDATE per job that changes, one INSERT of the history, one UPDATE per (key, model, day) of usage.
+jobs, one UPDATE of the jobs that change, one INSERT of the history, one upsert of the usage rows it adds to.
 
 The decisions are `farm.jobs.job_transition`'s, made by a pure planner over the rows read under lock (tested
 table-driven); events of other jobs (training) and of jobs that do not exist go back to the caller, to be applied
