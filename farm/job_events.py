@@ -246,8 +246,9 @@ def _write_rows(cursor: Any, rows: dict[str, JobRow]) -> None:
             shapes.setdefault(names, []).append(params)
     table = _q(Job._meta.db_table)
     active = ", ".join(f"'{status}'" for status in (JobStatus.QUEUED, JobStatus.RUNNING))
+    update_from = update_from_supported()
     for names, params in shapes.items():
-        if not update_from_supported():
+        if not update_from:
             assignments = ", ".join(f"{_col(Job, name)} = %s" for name in names)
             cursor.executemany(
                 f"UPDATE {table} SET {assignments} WHERE {_q(pk.column)} = %s "
