@@ -13,8 +13,8 @@ from farm.catalog import ModelEntry, model_catalog
 from farm.errors import ModelNotFound, ModelOverloaded, Unavailable
 from farm.job_intake import RETRY_AFTER_S, NewJob, job_intake
 from farm.models import OnLimit
-from farm.registry import live_workers_serving
-from farm.routing import model_overloaded, route_request, spec_states
+from farm.registry import live_workers_serving, registry_reread
+from farm.routing import SpecState, model_overloaded, route_request, spec_states
 from farm.spec_health import queue_depths, spec_backoffs
 from settings import env
 
@@ -57,15 +57,17 @@ async def spec_choose_waiting(model: ModelEntry, *, wait_s: float) -> str:
 async def spec_choose(model: ModelEntry) -> str:
     """Routes to a spec of the model from live state (replicas, load, weights, back-off); 503 with Retry-After when
     no replica serves it, 429 with Retry-After when every replica is saturated and the queues are over the bound."""
-    now = time.time()
-    names = [s.name for s in model.specs]
-    states = spec_states(
-        [(s.name, s.weight) for s in model.specs],
-        await live_workers_serving(names),
-        now=now,
-        backoffs=await spec_backoffs(),
-    )
-    choice = route_request(states, now=now)
+    backoffs = await spec_backoffs()
+
+    async def route() -> tuple[list[SpecState], SpecState | None]:
+        now = time.time()
+        workers = await live_workers_serving([s.name for s in model.specs])
+        states = spec_states([(s.name, s.weight) for s in model.specs], workers, now=now, backoffs=backoffs)
+        return states, route_request(states, now=now)
+
+    states, choice = await route()
+    if choice is None and await registry_reread():  # a worker that came up since the cached snapshot was read
+        states, choice = await route()
     if choice is None:
         raise Unavailable(
             f"No worker is serving `{model.name}` right now; retry shortly.",

@@ -106,18 +106,39 @@ async def _refresh() -> _Snapshot:
     the next; with none (or a too old one) the caller waits for that read. One read at a time per process: when the
     event loop lagged past `_STALE_OK_S` under a burst, every waiting request read the registry itself, each on a new
     pooled connection, and the API spent a tenth of its CPU there exactly when it had none to spare."""
-    global _refreshing
     now = time.monotonic()
     expires = _snapshot[0]
     if expires > now:
         return _snapshot
+    reading = _reading()
+    if expires and now - expires < _STALE_OK_S:
+        return _snapshot
+    return await asyncio.shield(reading)  # a caller that gives up does not cancel the others' read
+
+
+def _reading() -> asyncio.Task:
+    """The registry read in flight on this loop, started if there is none: one read at a time per process."""
+    global _refreshing
     loop = asyncio.get_running_loop()
     if _refreshing is None or _refreshing.done() or _refreshing.get_loop() is not loop:
         _refreshing = loop.create_task(_read())
         _refreshing.add_done_callback(_log_refresh_error)
-    if expires and now - expires < _STALE_OK_S:
-        return _snapshot
-    return await asyncio.shield(_refreshing)  # a caller that gives up does not cancel the others' read
+    return _refreshing
+
+
+# A miss (no live worker for a model) re-reads a snapshot older than this before it stands; at most this often.
+_MISS_REREAD_S = 0.25
+
+
+async def registry_reread(*, older_than_s: float = _MISS_REREAD_S) -> bool:
+    """Reads the registry now unless the snapshot was read under `older_than_s` ago; True when it read. A request
+    that found no live worker asks this before its 503 stands: a worker that came up within the snapshot's
+    lifetime (up to `_SNAPSHOT_S + _STALE_OK_S`) is routed to at once, and a model that stays down costs Redis at
+    most one read per `older_than_s` (concurrent misses share it)."""
+    if time.monotonic() - (_snapshot[0] - _SNAPSHOT_S) < older_than_s:
+        return False
+    await asyncio.shield(_reading())
+    return True
 
 
 def _log_refresh_error(task: asyncio.Task) -> None:

@@ -61,8 +61,11 @@ def fleet() -> Iterator[dict[str, ModelSpec]]:
     registry_invalidate()
 
 
-def serve(worker_id: str, *specs: str, running: int = 0, capacity: int = 4, status: str = "ready") -> Heartbeat:
-    """A worker's registry entry, written by the workers' own heartbeat code."""
+def serve(
+    worker_id: str, *specs: str, running: int = 0, capacity: int = 4, status: str = "ready", invalidate: bool = True
+) -> Heartbeat:
+    """A worker's registry entry, written by the workers' own heartbeat code; the API's cached snapshot of the
+    registry is dropped unless `invalidate` is False."""
     beat = Heartbeat(
         client=sync_redis(),
         worker_id=worker_id,
@@ -76,7 +79,8 @@ def serve(worker_id: str, *specs: str, running: int = 0, capacity: int = 4, stat
         },
     )
     beat.beat()
-    registry_invalidate()
+    if invalidate:
+        registry_invalidate()
     return beat
 
 
@@ -233,6 +237,22 @@ def test_no_replica_is_503_with_retry_after(fleet: dict[str, ModelSpec]) -> None
     with pytest.raises(Unavailable) as raised:
         choose()
     assert raised.value.status == 503 and raised.value.headers["Retry-After"]
+
+
+def test_a_worker_that_came_up_since_the_cached_snapshot_is_routed_to(fleet: dict[str, ModelSpec]) -> None:
+    """The API's registry snapshot lives up to 3 s; a request that finds no replica in it reads the registry again
+    before answering 503 (a CI run once got a 503 for workers that had been serving for a second)."""
+
+    async def scenario() -> str:
+        registry_invalidate()
+        backoffs_invalidate()
+        with pytest.raises(Unavailable):
+            await spec_choose(ENTRY)  # the snapshot now holds no replica of the model ...
+        serve("fo-a", SPEC_A, invalidate=False)
+        await asyncio.sleep(0.3)  # ... and is still served (it lives a second, then stale for two more)
+        return await spec_choose(ENTRY)
+
+    assert asyncio.run(scenario()) == SPEC_A
 
 
 def test_saturated_replicas_and_a_long_queue_are_429_within_50ms(fleet: dict[str, ModelSpec], settings) -> None:

@@ -88,3 +88,31 @@ def test_requests_that_find_no_usable_snapshot_share_one_read(monkeypatch) -> No
         assert reads == 2 and all(ids(workers) == {"reg-1", "reg-2"} for workers in results)
 
     asyncio.run(scenario())
+
+
+def test_a_miss_rereads_an_older_snapshot_at_most_every_quarter_second(monkeypatch) -> None:
+    """A request that finds no worker re-reads the registry before its 503 stands (a worker that came up within the
+    snapshot's lifetime serves it); a model that stays down costs Redis one read per `_MISS_REREAD_S`, shared."""
+    reads = 0
+    real_read = registry._read
+
+    async def counted_read() -> registry._Snapshot:
+        nonlocal reads
+        reads += 1
+        return await real_read()
+
+    monkeypatch.setattr(registry, "_read", counted_read)
+
+    async def scenario() -> None:
+        assert ids(await registry.live_workers()) == set()
+        assert reads == 1
+        advertise("reg-1")
+        assert ids(await registry.live_workers()) == set()  # cached: the new worker is not seen yet
+        assert not await registry.registry_reread()  # read under a quarter second ago: no read
+        await asyncio.sleep(registry._MISS_REREAD_S)
+        assert all(await asyncio.gather(*(registry.registry_reread() for _ in range(20))))
+        assert reads == 2  # twenty misses, one read
+        assert ids(await registry.live_workers()) == {"reg-1"}
+        assert not await registry.registry_reread()
+
+    asyncio.run(scenario())
