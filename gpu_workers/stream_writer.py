@@ -10,6 +10,7 @@ forwards one event instead of many, so a busy farm spends less per token exactly
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import redis.asyncio as aioredis
@@ -65,10 +66,14 @@ class StreamWriter:
         self._wake.set()
         await waiter
 
-    def close(self) -> None:
-        """Stops the flusher (what is still pending is dropped: call `flushed` first to keep it)."""
-        if self._task is not None:
-            self._task.cancel()
+    async def aclose(self) -> None:
+        """Stops the flusher and waits for it to end (what is still pending is dropped: call `flushed` first to keep
+        it). A flusher left pending when its loop stops is reported as a destroyed task at exit."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _run(self) -> None:
         while True:

@@ -31,7 +31,9 @@ def test_freeze_moves_what_is_alive_out_of_full_collections() -> None:
     node = Node()
     assert gc.get_freeze_count() == 0
     frozen = freeze_startup("test")
-    assert frozen == gc.get_freeze_count() > 1000
+    # Threads left by earlier tests (idle publishers, executor threads) may free frozen objects meanwhile: the count
+    # can only fall, and only by a few.
+    assert frozen >= gc.get_freeze_count() > max(1000, frozen - 1000)
     gone = weakref.ref(node)
     del node
     gc.collect()

@@ -8,8 +8,9 @@ import uuid
 import pytest
 
 from farm import redis_keys, stream_format
-from farm.redis_client import aioredis_connect
+from farm.redis_client import aioredis_connect, sync_redis
 from farm.stream_format import Delta, End, Failure, Restart
+from gpu_workers.engine_host import EngineHost
 from gpu_workers.stream_writer import StreamWriter, merge_deltas
 from settings import env
 
@@ -78,7 +79,7 @@ def test_a_stream_written_while_a_flush_is_in_flight_arrives_whole_and_in_order(
             read[job] = [stream_format.decode(fields[stream_format.FIELD.encode()]) for _id, fields in entries]
             assert 0 < await client.ttl(redis_keys.job_stream(job)) <= redis_keys.STREAM_TTL_S
             await client.delete(redis_keys.job_stream(job))
-        writer.close()
+        await writer.aclose()
         await client.aclose()
         return read
 
@@ -90,3 +91,24 @@ def test_a_stream_written_while_a_flush_is_in_flight_arrives_whole_and_in_order(
         assert sum(delta.tokens for delta in deltas) == 200
         assert len(deltas) < 200 / 10  # joined: at most a handful of entries, not one per delta
         assert events[-1] == END
+
+
+def test_engine_host_close_ends_the_writer_task() -> None:
+    """A flusher left pending when the engine loop stopped was reported at exit ("Task was destroyed but it is
+    pending!", at the end of every CI run): closing the host ends it first, after what was flushed reached Redis."""
+    host = EngineHost(redis_url=env.REDIS_URL)
+    job = f"writer-test-{uuid.uuid4()}"
+
+    async def write() -> asyncio.Task:
+        host.writer.append(job, END, final=True)
+        await host.writer.flushed()
+        assert host.writer._task is not None
+        return host.writer._task
+
+    task = host.run(write())
+    assert not task.done()  # the flusher waits for the next append
+    host.close()
+    assert task.cancelled()
+    client = sync_redis()
+    assert client.xlen(redis_keys.job_stream(job)) == 1
+    client.delete(redis_keys.job_stream(job))
