@@ -80,11 +80,11 @@ class EngineHost:
             except Exception:
                 log.exception("engine %s did not shut down cleanly", name)
         self.engines.clear()
-        try:
-            self.run(self.writer.aclose(), timeout=5)
-            self.run(self.redis.aclose(), timeout=5)
-        except Exception:
-            log.warning("token stream writer or redis client did not close cleanly", exc_info=True)
+        for what, closing in (("token stream writer", self.writer.aclose), ("redis client", self.redis.aclose)):
+            try:
+                self.run(closing(), timeout=5)
+            except Exception:
+                log.warning("%s did not close cleanly", what, exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
