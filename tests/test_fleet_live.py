@@ -197,6 +197,16 @@ def fleet(django_db_setup, django_db_blocker, tiny_model_dir: Path, tmp_path_fac
         )
         time.sleep(3)  # the Celery consumers start a moment after the heartbeat says ready
         FIGURES["farm start (2 workers), s"] = time.monotonic() - started
+        # Both specs take requests through the API before any scenario measures a split. Once, in CI, the first
+        # burst after start-up sent 60 of 64 requests to A (B's first only after 23 to A, and its jobs ran in
+        # ~20 ms): a 3:1 draw gives 4 or fewer to B about once in 10,000. Not seen in any other run; the cause
+        # (B missing from the API's routing view for its first seconds?) is not known.
+        wait_for(
+            lambda: set(fleet.spec_counts(job_ids(fleet.burst(8, parallel=3)))) == {SPEC_A, SPEC_B},
+            timeout=120,
+            farm=farm_processes,
+            what="requests through the API to reach both specs",
+        )
         yield fleet
     finally:
         farm_processes.stop_all()
