@@ -54,20 +54,21 @@ async def spec_choose_waiting(model: ModelEntry, *, wait_s: float) -> str:
             await asyncio.sleep(OVERLOAD_POLL_S)
 
 
+async def _route(model: ModelEntry, backoffs: dict[str, float]) -> tuple[list[SpecState], SpecState | None]:
+    """The model's specs as the router sees them now (from the cached registry snapshot), and its pick."""
+    now = time.time()
+    workers = await live_workers_serving([s.name for s in model.specs])
+    states = spec_states([(s.name, s.weight) for s in model.specs], workers, now=now, backoffs=backoffs)
+    return states, route_request(states, now=now)
+
+
 async def spec_choose(model: ModelEntry) -> str:
     """Routes to a spec of the model from live state (replicas, load, weights, back-off); 503 with Retry-After when
     no replica serves it, 429 with Retry-After when every replica is saturated and the queues are over the bound."""
     backoffs = await spec_backoffs()
-
-    async def route() -> tuple[list[SpecState], SpecState | None]:
-        now = time.time()
-        workers = await live_workers_serving([s.name for s in model.specs])
-        states = spec_states([(s.name, s.weight) for s in model.specs], workers, now=now, backoffs=backoffs)
-        return states, route_request(states, now=now)
-
-    states, choice = await route()
+    states, choice = await _route(model, backoffs)
     if choice is None and await registry_reread():  # a worker that came up since the cached snapshot was read
-        states, choice = await route()
+        states, choice = await _route(model, backoffs)
     if choice is None:
         raise Unavailable(
             f"No worker is serving `{model.name}` right now; retry shortly.",

@@ -65,53 +65,49 @@ def test_stale_snapshot_is_served_while_the_next_is_read_in_the_background() -> 
     asyncio.run(scenario())
 
 
-def test_requests_that_find_no_usable_snapshot_share_one_read(monkeypatch) -> None:
-    """A burst that lags the loop past the stale window used to send every waiting request to Redis on its own."""
-    reads = 0
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """`reads[0]`: how many times the registry was read from Redis since the test began."""
+    count = [0]
     real_read = registry._read
 
     async def counted_read() -> registry._Snapshot:
-        nonlocal reads
-        reads += 1
+        count[0] += 1
         return await real_read()
 
     monkeypatch.setattr(registry, "_read", counted_read)
+    return count
+
+
+def test_requests_that_find_no_usable_snapshot_share_one_read(reads: list[int]) -> None:
+    """A burst that lags the loop past the stale window used to send every waiting request to Redis on its own."""
 
     async def scenario() -> None:
         advertise("reg-1")
         results = await asyncio.gather(*(registry.live_workers() for _ in range(50)))  # no snapshot yet
-        assert reads == 1 and all(ids(workers) == {"reg-1"} for workers in results)
+        assert reads[0] == 1 and all(ids(workers) == {"reg-1"} for workers in results)
         _, workers, index = registry._snapshot
         registry._snapshot = (time.monotonic() - registry._STALE_OK_S - 1, workers, index)  # too old to serve
         advertise("reg-2")
         results = await asyncio.gather(*(registry.live_workers() for _ in range(50)))
-        assert reads == 2 and all(ids(workers) == {"reg-1", "reg-2"} for workers in results)
+        assert reads[0] == 2 and all(ids(workers) == {"reg-1", "reg-2"} for workers in results)
 
     asyncio.run(scenario())
 
 
-def test_a_miss_rereads_an_older_snapshot_at_most_every_quarter_second(monkeypatch) -> None:
+def test_a_miss_rereads_an_older_snapshot_at_most_every_quarter_second(reads: list[int]) -> None:
     """A request that finds no worker re-reads the registry before its 503 stands (a worker that came up within the
     snapshot's lifetime serves it); a model that stays down costs Redis one read per `_MISS_REREAD_S`, shared."""
-    reads = 0
-    real_read = registry._read
-
-    async def counted_read() -> registry._Snapshot:
-        nonlocal reads
-        reads += 1
-        return await real_read()
-
-    monkeypatch.setattr(registry, "_read", counted_read)
 
     async def scenario() -> None:
         assert ids(await registry.live_workers()) == set()
-        assert reads == 1
+        assert reads[0] == 1
         advertise("reg-1")
         assert ids(await registry.live_workers()) == set()  # cached: the new worker is not seen yet
         assert not await registry.registry_reread()  # read under a quarter second ago: no read
         await asyncio.sleep(registry._MISS_REREAD_S)
         assert all(await asyncio.gather(*(registry.registry_reread() for _ in range(20))))
-        assert reads == 2  # twenty misses, one read
+        assert reads[0] == 2  # twenty misses, one read
         assert ids(await registry.live_workers()) == {"reg-1"}
         assert not await registry.registry_reread()
 
