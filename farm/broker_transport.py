@@ -28,6 +28,9 @@ and acks made on the worker's event loop are removed from the unacked index toge
 changes for a message's safety: it is recorded as unacked before its task can run, and an ack that a crash keeps
 from reaching Redis only lets the message come back after the visibility timeout, where the job's per-attempt claim
 turns the redelivery away.
+
+A queue in `PASSIVE_QUEUES` is consumed in name only: listed by remote control, and so by Flower, but left out of
+the pops (a worker whose engine loop takes those messages itself names them; it requires BLMPOP, as this does).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # Most messages one blocking pop takes (BLMPOP's COUNT).
 BATCH_MAX = 64
+# Queues this process' Celery consumer lists (remote control, Flower's worker and broker views) but never pops: a
+# worker that takes their messages itself (`gpu_workers.queue_consumer`) names its `infer.<spec>` queues here.
+PASSIVE_QUEUES: set[str] = set()
 
 
 class QoS(redis.QoS):
@@ -138,7 +144,7 @@ class Channel(redis.Channel):
         if not self._popping_batches:
             super()._brpop_start(timeout)
             return
-        queues = self._queue_cycle.consume(len(self.active_queues))
+        queues = [queue for queue in self._queue_cycle.consume(len(self.active_queues)) if queue not in PASSIVE_QUEUES]
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 CONTROL_QUEUE = "control"
 INFER_PREFIX = "infer."
 TRAIN_PREFIX = "train."
+WORKER_PREFIX = "worker."
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -24,6 +25,13 @@ def infer_queue(spec_name: str) -> str:
 def train_queue(hardware_class: str) -> str:
     """The queue that carries training and other long jobs for one hardware class (`cpu`, `gpu-80gb`...)."""
     return TRAIN_PREFIX + hardware_class
+
+
+def worker_queue(worker_id: str) -> str:
+    """A queue only one worker consumes. The Celery consumer of a worker that takes its inference messages itself
+    (`gpu_workers.queue_consumer`) pops only this one, so it always has a queue to pop. Nothing is published to it
+    today."""
+    return WORKER_PREFIX + worker_id
 
 
 def is_valid_name(name: str) -> bool:

@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
 
 import orjson
 import redis
+from celery import Celery
 from celery.signals import worker_shutting_down
 
 from farm import queues, redis_keys
+from farm.broker_transport import PASSIVE_QUEUES
 from farm.celery_app import create_celery_app
 from farm.redis_client import redis_connect
 from farm.request_ids import logging_add_request_id
@@ -43,6 +46,7 @@ from gpu_workers.hardware import HardwareReport, probe_hardware
 from gpu_workers.heartbeat import Heartbeat, loaded_model_entries, queued_messages
 from gpu_workers.job_events import JobEventPublisher
 from gpu_workers.model_store import model_path
+from gpu_workers.queue_consumer import QueueConsumer, has_blmpop
 
 log = logging.getLogger("gpu_workers")
 
@@ -94,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--concurrency",
         type=int,
         default=envs.FARM_WORKER_CONCURRENCY,
-        help="concurrent requests in flight (Celery threads sharing the engine; default %(default)s)",
+        help="concurrent requests in flight, all sharing the engine (default %(default)s)",
     )
     parser.add_argument("--worker-id", default=envs.FARM_WORKER_ID, help="registry id (default: host-pid)")
     parser.add_argument(
@@ -178,6 +182,69 @@ def engine_pool_start(
     return engines
 
 
+def consumption_start(
+    args: argparse.Namespace,
+    app: Celery,
+    client: redis.Redis,
+    worker_runtime: runtime.WorkerRuntime,
+    celery_hostname: str,
+) -> tuple[QueueConsumer | None, list[str]]:
+    """Starts taking inference messages on the engine loop (`gpu_workers.queue_consumer`), unless the worker is
+    told to use Celery's consumer or the broker lacks BLMPOP; wires quarantine, resume and the shutdown drain to
+    whichever consumes. Returns the direct consumer (None: Celery's) and the queues Celery's consumer is to take."""
+    infer_queues = [queues.infer_queue(name) for name in worker_runtime.engines.names()]
+    direct = envs.FARM_WORKER_CONSUMER != "celery"
+    if direct and not has_blmpop(client):
+        log.warning("the broker has no BLMPOP (Redis < 7): inference messages go through Celery's consumer")
+        direct = False
+
+    def stop_consuming() -> None:
+        for queue in infer_queues:
+            app.control.cancel_consumer(queue, destination=[celery_hostname])
+
+    def start_consuming() -> None:
+        for queue in infer_queues:
+            app.control.add_consumer(queue, destination=[celery_hostname])
+
+    if not direct:
+        worker_runtime.on_quarantine = stop_consuming
+        worker_runtime.on_resume = start_consuming
+        worker_shutting_down.connect(lambda **_: worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S), weak=False)
+        return None, infer_queues
+
+    host = worker_runtime.host
+    consumer = QueueConsumer(
+        runtime=worker_runtime, client=host.redis, queue_names=infer_queues, concurrency=args.concurrency
+    )
+
+    async def start() -> None:
+        consumer.start()
+
+    host.run(start())
+    # Celery's consumer still lists the queues (remote control, Flower) but leaves their messages to this one; its
+    # view follows quarantine and resume, broadcast from a thread (the engine loop may be the caller).
+    PASSIVE_QUEUES.update(infer_queues)
+
+    def stop_taking() -> None:
+        consumer.pause()
+        threading.Thread(target=stop_consuming, name="cancel-consumer", daemon=True).start()
+
+    def start_taking() -> None:
+        consumer.resume()
+        threading.Thread(target=start_consuming, name="add-consumer", daemon=True).start()
+
+    worker_runtime.on_quarantine = stop_taking
+    worker_runtime.on_resume = start_taking
+
+    def shutting_down(**_: object) -> None:
+        consumer.pause()
+        worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S)
+
+    worker_shutting_down.connect(shutting_down, weak=False)
+    log.info("taking inference messages from %s on the engine loop", ", ".join(infer_queues))
+    return consumer, [*infer_queues, queues.worker_queue(args.worker_id)]
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging_add_request_id()  # lines written for a job carry its request's x-request-id
@@ -226,18 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     celery_hostname = f"{args.worker_id}@{hardware.hostname}"
     host.submit(worker_runtime.listen_for_cancellations())
     host.submit(worker_runtime.listen_for_control())
-
-    def stop_consuming() -> None:
-        for queue in infer_queues:
-            app.control.cancel_consumer(queue, destination=[celery_hostname])
-
-    def start_consuming() -> None:
-        for queue in infer_queues:
-            app.control.add_consumer(queue, destination=[celery_hostname])
-
-    worker_runtime.on_quarantine = stop_consuming
-    worker_runtime.on_resume = start_consuming
-    worker_shutting_down.connect(lambda **_: worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S), weak=False)
+    consumer, celery_queues = consumption_start(args, app, client, worker_runtime, celery_hostname)
     started_at = time.time()
     model_entries = loaded_model_entries(specs, model_dir=envs.FARM_MODEL_DIR, loaded_at=started_at)
 
@@ -288,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = app.Worker(
             pool="threads",
-            concurrency=args.concurrency,
-            queues=infer_queues,
+            concurrency=args.concurrency if consumer is None else 2,  # with the direct consumer it runs no job
+            queues=celery_queues,
             hostname=celery_hostname,
             loglevel=args.loglevel.upper(),
             without_gossip=True,
@@ -298,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
         exit_code = worker.exitcode or 0
     finally:
+        if consumer is not None:  # Celery ran none of the jobs: wait here for the drain to end them
+            worker_runtime.drain(envs.FARM_SHUTDOWN_GRACE_S)
+            left = host.run(consumer.stop(envs.FARM_SHUTDOWN_GRACE_S + 5.0))
+            if left:
+                log.warning("%d jobs still running at exit: their messages come back to the queue", left)
         worker_runtime.events.flush()  # the last outcomes and hand-backs leave before the process does
         heartbeat.stop()
         host.close()

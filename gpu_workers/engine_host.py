@@ -1,7 +1,8 @@
 """The worker's engine host: one asyncio loop thread that owns every engine and the async Redis client.
 
-Celery task threads hand it coroutines (`run`) and block on the result; all engine calls happen on this loop, so
-one `AsyncLLM` per spec serves every thread and vLLM batches their requests continuously.
+Each job attempt runs here as a coroutine (`gpu_workers.queue_consumer` takes the messages on this loop); other
+threads (Celery task threads on brokers without BLMPOP, loads, the heartbeat) hand it coroutines with `run`. All
+engine calls happen on this loop, so one `AsyncLLM` per spec serves every request and vLLM batches them continuously.
 """
 
 from __future__ import annotations

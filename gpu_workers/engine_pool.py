@@ -69,6 +69,10 @@ class EnginePool:
         self._clock = clock
         self._cond = threading.Condition()
 
+    def names(self) -> list[str]:
+        """Every spec this worker serves, loaded or not."""
+        return list(self._slots)
+
     def knows(self, spec: str) -> bool:
         """Whether this worker serves `spec` (loaded now or on demand)."""
         return spec in self._slots
@@ -107,17 +111,33 @@ class EnginePool:
     @contextlib.contextmanager
     def acquire(self, spec: str, *, wait_s: float) -> Iterator[Engine]:
         """The spec's engine, loaded first if need be, held (not unloadable) until the block ends."""
-        engine = self._take(spec, wait_s=wait_s)
+        engine = self.take(spec, wait_s=wait_s)
         try:
             yield engine
         finally:
-            with self._cond:
-                slot = self._slots[spec]
-                slot.users -= 1
-                slot.last_used = self._clock()
-                self._cond.notify_all()
+            self.release(spec)
 
-    def _take(self, spec: str, *, wait_s: float) -> Engine:
+    def take_loaded(self, spec: str) -> Engine | None:
+        """The spec's engine, held as `acquire` holds it, if it is loaded and not being unloaded; else None at once
+        (never loads, never waits: the engine loop's own path). `release` it when done."""
+        with self._cond:
+            slot = self._slots[spec]
+            if slot.engine is None or slot.busy:
+                return None
+            slot.users += 1
+            slot.last_used = self._clock()
+            return slot.engine
+
+    def release(self, spec: str) -> None:
+        """Ends a hold that `take` or `take_loaded` began."""
+        with self._cond:
+            slot = self._slots[spec]
+            slot.users -= 1
+            slot.last_used = self._clock()
+            self._cond.notify_all()
+
+    def take(self, spec: str, *, wait_s: float) -> Engine:
+        """`acquire` without the block: the engine, held until `release`. Blocks while the spec loads."""
         slot = self._slots[spec]
         give_up = self._clock() + wait_s
         with self._cond:

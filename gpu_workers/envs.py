@@ -31,9 +31,14 @@ FARM_CPU_KVCACHE_GIB: str = _get("FARM_CPU_KVCACHE_GIB", "2")
 # On SIGTERM: seconds running jobs may take to finish before they are aborted and handed back to the queue.
 FARM_SHUTDOWN_GRACE_S: float = float(_get("FARM_SHUTDOWN_GRACE_S", "20"))
 # Celery task events (task-received/started/succeeded: three broker messages per request) from inference workers,
-# for Flower's task views. Off by default: the farm's own job rows and events already record every request, Flower
-# still lists the worker and its queues, and the worker's per-request overhead drops (BENCHMARKS.md).
+# for Flower's task views (FARM_WORKER_CONSUMER=celery only: the direct consumer runs no Celery task). Off by
+# default: the farm's own job rows and events already record every request, Flower still lists the worker and its
+# queues, and the worker's per-request overhead drops (BENCHMARKS.md).
 FARM_INFER_TASK_EVENTS: bool = _get("FARM_INFER_TASK_EVENTS", "0") == "1"
+# Who takes inference messages off the worker's queues: `direct` (default), a coroutine on the engine loop
+# (gpu_workers/queue_consumer.py; needs a Redis 7+ or Valkey broker, else Celery's consumer is used), or `celery`
+# (Celery's consumer and thread pool: `tasks.inference`).
+FARM_WORKER_CONSUMER: str = _get("FARM_WORKER_CONSUMER", "direct")
 # Seconds the interpreter's teardown may take after a clean shutdown before the worker exits regardless.
 FARM_EXIT_TIMEOUT_S: float = float(_get("FARM_EXIT_TIMEOUT_S", "5"))
 # Consecutive worker-side failures after which the worker quarantines itself (stops consuming, reports unhealthy).

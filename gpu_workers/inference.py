@@ -56,6 +56,18 @@ class Outcome:
         return detail
 
 
+def outcome_log(message: InferenceMessage, outcome: Outcome) -> None:
+    """The one INFO line per job attempt, at its end (a second one per job was ~2.5 % of a busy worker's CPU)."""
+    log.info(
+        "job %s attempt %d %s (%d prompt + %d completion tokens)",
+        message.job_id,
+        message.attempt,
+        outcome.status,
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+    )
+
+
 def sampling_from_request(request: dict[str, Any]) -> SamplingOptions:
     stop = request.get("stop")
     return SamplingOptions(

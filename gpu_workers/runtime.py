@@ -1,5 +1,6 @@
 """The worker process's runtime: engine host, event publisher, claims, cancellation, draining, quarantine and
-live load figures. Built once by `gpu_workers.__main__` before Celery starts; task threads reach it via `current()`.
+live load figures. Built once by `gpu_workers.__main__` before Celery starts. The queue consumer runs attempts on
+the engine loop (`run_claimed`); Celery task threads, where they take the messages, reach it via `current()`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ CLAIM_TTL_S = 2 * 3600
 TOKEN_RATE_WINDOW_S = 30.0
 # How long a request for a spec that does not fit beside the busy ones waits for room before it is handed back.
 ROOM_WAIT_S = 30.0
+# An attempt's outcome when the worker itself broke before the engine could say more.
+_WORKER_ERROR = Outcome(status="failed", error={"code": "internal_error", "message": "worker error", "retry": True})
 
 
 @dataclass
@@ -107,8 +110,12 @@ class ClaimFailed(Exception):
 @dataclass
 class _InFlight:
     attempt: int
-    future: concurrent.futures.Future | None = None
+    cancel: Callable[[], object] | None = None  # stops the attempt's generation (thread-safe)
     stop_reason: str | None = None  # "canceled" or "handback" once asked to stop
+
+    def stop(self) -> None:
+        if self.cancel is not None:
+            self.cancel()
 
 
 class WorkerRuntime:
@@ -156,8 +163,9 @@ class WorkerRuntime:
         return bool(claimed), bool(canceled)
 
     def run_inference(self, message: InferenceMessage) -> Outcome | None:
-        """Runs one job attempt to an outcome and reports it; None when another delivery already owns it. Raises
-        `ClaimFailed` when Redis could not be asked (after `farm.redis_client`'s reconnect attempts)."""
+        """Runs one job attempt to an outcome and reports it, from a Celery task thread; None when another delivery
+        already owns it. Raises `ClaimFailed` when Redis could not be asked (after `farm.redis_client`'s reconnect
+        attempts). `gpu_workers.queue_consumer` runs the same steps on the engine loop (`run_claimed`)."""
         try:
             claimed, canceled = self.claim_unless_canceled(message)
         except RedisError as exc:
@@ -165,55 +173,113 @@ class WorkerRuntime:
         if not claimed:
             log.info("job %s attempt %d already claimed: duplicate delivery ignored", message.job_id, message.attempt)
             return None
-        send = self.events.send
+        early, failure = self._before_start(message, canceled=canceled)
+        if failure is not None:
+            self.host.run(write_failure(self.host.writer, message.job_id, failure))
+        if early is not None:
+            return early
+        self._started(message)
+        outcome = _WORKER_ERROR
+        try:
+            outcome = self._generate(message)
+        finally:
+            self._finished(message, outcome)
+        return outcome
+
+    async def run_claimed(self, message: InferenceMessage, *, claimed: bool, canceled: bool) -> Outcome | None:
+        """`run_inference` on the engine loop, for an attempt whose claim the caller made (`claim_unless_canceled`'s
+        two answers). A loaded spec runs here without a thread; a spec to load, or an adapter to fetch, blocks and
+        goes to a thread (`_generate`)."""
+        if not claimed:
+            log.info("job %s attempt %d already claimed: duplicate delivery ignored", message.job_id, message.attempt)
+            return None
+        early, failure = self._before_start(message, canceled=canceled)
+        if failure is not None:
+            await write_failure(self.host.writer, message.job_id, failure)
+        if early is not None:
+            return early
+        entry = self._started(message)
+        outcome = _WORKER_ERROR
+        try:
+            engine = self.engines.take_loaded(message.spec) if self.engines.knows(message.spec) else None
+            if engine is None:  # unknown here, or to be loaded first: a load blocks, so it waits in a thread
+                engine = await asyncio.to_thread(self._engine_for, message)
+            if isinstance(engine, Outcome):
+                outcome = engine
+            else:
+                try:
+                    outcome = await self._generate_here(engine, message, entry)
+                finally:
+                    self.engines.release(message.spec)
+        finally:
+            self._finished(message, outcome)
+        return outcome
+
+    def _before_start(self, message: InferenceMessage, *, canceled: bool) -> tuple[Outcome | None, Failure | None]:
+        """The outcome of a claimed attempt that must not start (canceled, this worker not ready, deadline passed),
+        with the failure to end its stream with; (None, None) when it may start. Never blocks."""
         if canceled:
             log.info("job %s was canceled before it started", message.job_id)
-            return Outcome(status="canceled")
+            return Outcome(status="canceled"), None
         if self.status != "ready":  # draining or quarantined: hand it straight back
-            send(job_id=message.job_id, attempt=message.attempt, kind="requeue", reason=f"worker {self.status}")
-            return Outcome(status="requeue")
+            self.events.send(
+                job_id=message.job_id, attempt=message.attempt, kind="requeue", reason=f"worker {self.status}"
+            )
+            return Outcome(status="requeue"), None
         if message.deadline <= time.time():
             failure = Failure(504, "timeout_error", "deadline_exceeded", "The job expired before it could start.")
-            self.host.run(write_failure(self.host.writer, message.job_id, failure))
-            send(
+            self.events.send(
                 job_id=message.job_id,
                 attempt=message.attempt,
                 kind="timed_out",
                 error={"code": failure.code, "message": failure.message},
             )
-            return Outcome(status="timed_out")
+            return Outcome(status="timed_out"), failure
+        return None, None
 
+    def _started(self, message: InferenceMessage) -> _InFlight:
         self.stats.begin()
+        entry = _InFlight(attempt=message.attempt)
         with self._lock:
-            self._inflight[(message.job_id, message.attempt)] = _InFlight(attempt=message.attempt)
-        send(job_id=message.job_id, attempt=message.attempt, kind="running")
-        outcome = Outcome(status="failed", error={"code": "internal_error", "message": "worker error", "retry": True})
-        try:
-            outcome = self._generate(message)
-        finally:
-            with self._lock:
-                self._inflight.pop((message.job_id, message.attempt), None)
-            # A spec that fails to load is the spec's fault (bad args, missing weights), not this worker's: it is
-            # backed off, and must not quarantine a worker that serves its other specs well.
-            error = outcome.error or {}
-            worker_fault = (
-                outcome.status == "failed" and bool(error.get("retry")) and error.get("code") != "spec_load_failed"
-            )
-            if self.stats.end(outcome, worker_fault=worker_fault) >= self.quarantine_after:
-                self.quarantine()
-            if outcome.status == "requeue":
-                reason = (outcome.error or {}).get("message") or "worker shutting down"
-                send(job_id=message.job_id, attempt=message.attempt, kind="requeue", reason=reason)
-            elif outcome.status != "canceled":  # a cancel was already recorded by whoever canceled
-                send(job_id=message.job_id, attempt=message.attempt, kind=outcome.status, **outcome.event_detail())
-            elif outcome.prompt_tokens:  # what the engine did before the abort still counts (`farm.jobs`)
-                send(
-                    job_id=message.job_id, attempt=message.attempt, kind="usage", usage=outcome.event_detail()["usage"]
-                )
-        return outcome
+            self._inflight[(message.job_id, message.attempt)] = entry
+        self.events.send(job_id=message.job_id, attempt=message.attempt, kind="running")
+        return entry
+
+    def _finished(self, message: InferenceMessage, outcome: Outcome) -> None:
+        """Unlists the attempt, counts its outcome (quarantining after too many worker faults) and reports it."""
+        send = self.events.send
+        with self._lock:
+            self._inflight.pop((message.job_id, message.attempt), None)
+        # A spec that fails to load is the spec's fault (bad args, missing weights), not this worker's: it is
+        # backed off, and must not quarantine a worker that serves its other specs well.
+        error = outcome.error or {}
+        worker_fault = (
+            outcome.status == "failed" and bool(error.get("retry")) and error.get("code") != "spec_load_failed"
+        )
+        if self.stats.end(outcome, worker_fault=worker_fault) >= self.quarantine_after:
+            self.quarantine()
+        if outcome.status == "requeue":
+            reason = (outcome.error or {}).get("message") or "worker shutting down"
+            send(job_id=message.job_id, attempt=message.attempt, kind="requeue", reason=reason)
+        elif outcome.status != "canceled":  # a cancel was already recorded by whoever canceled
+            send(job_id=message.job_id, attempt=message.attempt, kind=outcome.status, **outcome.event_detail())
+        elif outcome.prompt_tokens:  # what the engine did before the abort still counts (`farm.jobs`)
+            send(job_id=message.job_id, attempt=message.attempt, kind="usage", usage=outcome.event_detail()["usage"])
 
     def _generate(self, message: InferenceMessage) -> Outcome:
-        """Runs the attempt on its spec's engine, loading the spec first if this worker loads it on demand."""
+        """Runs the attempt on its spec's engine, loading the spec first if this worker loads it on demand. Blocks:
+        a task thread's path, never the engine loop's."""
+        engine = self._engine_for(message)
+        if isinstance(engine, Outcome):
+            return engine
+        try:
+            return self._generate_on(engine, message)
+        finally:
+            self.engines.release(message.spec)
+
+    def _engine_for(self, message: InferenceMessage) -> Engine | Outcome:
+        """The attempt's engine, held (`EnginePool.release` it), loaded first if this worker loads the spec on
+        demand; or the outcome of an attempt that cannot run here. Blocks while a load runs or room is awaited."""
         if not self.engines.knows(message.spec):
             return Outcome(
                 status="failed",
@@ -225,8 +291,7 @@ class WorkerRuntime:
             )
         wait_s = max(0.0, min(ROOM_WAIT_S, message.deadline - time.time()))
         try:
-            with self.engines.acquire(message.spec, wait_s=wait_s) as engine:
-                return self._generate_on(engine, message)
+            return self.engines.take(message.spec, wait_s=wait_s)
         except NoRoom as exc:  # every other spec here is busy: another worker (or this one, later) takes it
             log.warning("job %s handed back: %s", message.job_id, exc)
             return Outcome(status="requeue", error={"code": "no_room", "message": str(exc)})
@@ -243,38 +308,78 @@ class WorkerRuntime:
             self.host.run(write_failure(self.host.writer, message.job_id, failure))
             return outcome
         counted = TokenCount()
-        future = self.host.submit(
-            stream_generation(
-                writer=self.host.writer,
-                engine=engine,
-                job_id=message.job_id,
-                attempt=message.attempt,
-                prepared=prepared,
-                deadline=message.deadline,
-                counted=counted,
-            )
-        )
+        future = self.host.submit(self._stream(engine, message, prepared, counted))
         with self._lock:
             entry = self._inflight[(message.job_id, message.attempt)]
-            entry.future = future
+            entry.cancel = future.cancel
             if entry.stop_reason:  # asked to stop while we were preparing
                 future.cancel()
         try:
             return future.result()
         except concurrent.futures.CancelledError:
-            reason = entry.stop_reason or "canceled"
-            log.info("job %s attempt %d stopped: %s", message.job_id, message.attempt, reason)
-            if reason == "handback":
-                return Outcome(status="requeue")
-            return Outcome(
-                status="canceled", prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens
-            )
+            return self._stopped(message, entry, counted)
         except Exception as exc:  # engine crash, broker hiccup: transient, the control plane retries elsewhere
-            log.exception("job %s failed in the engine", message.job_id)
-            return Outcome(
-                status="failed",
-                error={"code": "engine_error", "retry": True, "message": f"{exc.__class__.__name__}: {exc}"},
-            )
+            return self._engine_failed(message, exc)
+
+    async def _generate_here(self, engine: Engine, message: InferenceMessage, entry: _InFlight) -> Outcome:
+        """`_generate_on` on the engine loop itself: no thread, no hop (but for an adapter to fetch)."""
+        try:
+            prepared = prepare(engine, message)
+            if message.adapter is not None:  # may download it from the API first: in a thread
+                prepared = await asyncio.to_thread(
+                    self.adapters.attach, engine, prepared, job_id=message.job_id, adapter=message.adapter
+                )
+        except EngineInputError as exc:
+            failure, outcome = input_error_outcome(exc)
+            await write_failure(self.host.writer, message.job_id, failure)
+            return outcome
+        counted = TokenCount()
+        task = asyncio.ensure_future(self._stream(engine, message, prepared, counted))
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry.cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            if entry.stop_reason:  # asked to stop before the generation began
+                task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # this coroutine itself is being cancelled
+                raise
+            return self._stopped(message, entry, counted)
+        except Exception as exc:
+            return self._engine_failed(message, exc)
+
+    def _stream(self, engine: Engine, message: InferenceMessage, prepared: Any, counted: TokenCount) -> Any:
+        return stream_generation(
+            writer=self.host.writer,
+            engine=engine,
+            job_id=message.job_id,
+            attempt=message.attempt,
+            prepared=prepared,
+            deadline=message.deadline,
+            counted=counted,
+        )
+
+    @staticmethod
+    def _stopped(message: InferenceMessage, entry: _InFlight, counted: TokenCount) -> Outcome:
+        """The outcome of an attempt whose generation `stop_job` cancelled."""
+        reason = entry.stop_reason or "canceled"
+        log.info("job %s attempt %d stopped: %s", message.job_id, message.attempt, reason)
+        if reason == "handback":
+            return Outcome(status="requeue")
+        return Outcome(
+            status="canceled", prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens
+        )
+
+    @staticmethod
+    def _engine_failed(message: InferenceMessage, exc: Exception) -> Outcome:
+        """Engine crash, broker hiccup: transient, the control plane retries the job elsewhere."""
+        log.error("job %s failed in the engine", message.job_id, exc_info=exc)
+        return Outcome(
+            status="failed",
+            error={"code": "engine_error", "retry": True, "message": f"{exc.__class__.__name__}: {exc}"},
+        )
 
     @property
     def adapters(self) -> AdapterCache:
@@ -295,9 +400,8 @@ class WorkerRuntime:
             entries = [entry for (running_id, _), entry in self._inflight.items() if running_id == job_id]
             for entry in entries:
                 entry.stop_reason = entry.stop_reason or reason
-            futures = [entry.future for entry in entries if entry.future is not None]
-        for future in futures:
-            future.cancel()
+        for entry in entries:
+            entry.stop()
         return bool(entries)
 
     def running_jobs(self) -> list[str]:
@@ -305,7 +409,10 @@ class WorkerRuntime:
             return sorted({job_id for job_id, _ in self._inflight})
 
     def drain(self, grace_s: float) -> None:
-        """Stops taking work; jobs still running after `grace_s` are aborted and handed back to the queue."""
+        """Stops taking work; jobs still running after `grace_s` are aborted and handed back to the queue. Once:
+        a second call changes nothing."""
+        if self._shutting_down:
+            return
         self._shutting_down = True
         self.status = "draining"
 

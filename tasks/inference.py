@@ -1,4 +1,5 @@
-"""Inference tasks, consumed by GPU/CPU workers from `infer.<spec>` queues."""
+"""Inference tasks on `infer.<spec>` queues. On a Redis 7+ broker workers take these messages without Celery's
+consumer (`gpu_workers.queue_consumer`); this task runs them on other brokers, or with FARM_WORKER_CONSUMER=celery."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ log = logging.getLogger(__name__)
 def generate(**payload: Any) -> None:
     """Runs one inference job on this worker's shared engine (see `gpu_workers.runtime`)."""
     from gpu_workers import runtime
-    from gpu_workers.inference import InferenceMessage
+    from gpu_workers.inference import InferenceMessage, outcome_log
 
     message = InferenceMessage.from_kwargs(payload)
-    # One INFO line per job, at its end (a second one per job was ~2.5 % of a busy worker's CPU).
     log.debug("job %s attempt %d received on %s", message.job_id, message.attempt, message.spec)
     try:
         outcome = runtime.current().run_inference(message)
@@ -28,11 +28,4 @@ def generate(**payload: Any) -> None:
         log.warning("%s; message requeued", exc)
         raise Reject(str(exc), requeue=True) from exc
     if outcome is not None:
-        log.info(
-            "job %s attempt %d %s (%d prompt + %d completion tokens)",
-            message.job_id,
-            message.attempt,
-            outcome.status,
-            outcome.prompt_tokens,
-            outcome.completion_tokens,
-        )
+        outcome_log(message, outcome)
