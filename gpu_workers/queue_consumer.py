@@ -119,7 +119,7 @@ class QueueConsumer:
         self._ack_task = self._loop.create_task(self._ack_loop(), name="queue-acks")
 
     def pause(self) -> None:
-        """Stops taking messages (quarantine, drain); running jobs go on. A pop in flight still delivers."""
+        """Stops taking messages (quarantine, drain); running jobs go on. What a pop in flight brings in goes back."""
         self._call(self._open.clear)
 
     def resume(self) -> None:
@@ -148,7 +148,7 @@ class QueueConsumer:
         return len(self._running)
 
     async def _pop_loop(self) -> None:
-        keys = self._queues
+        keys = list(self._queues)
         while not self._stopping:
             if not self._open.is_set():
                 await self._open.wait()
@@ -168,6 +168,9 @@ class QueueConsumer:
                 continue
             if not reply:
                 continue
+            if len(keys) > 1:  # BLMPOP takes from the first non-empty key: the one just served goes last
+                served = keys.index(reply[0].decode())
+                keys = keys[served + 1 :] + keys[: served + 1]
             if self._open.is_set() and not self._stopping:
                 await self._take(reply[0], reply[1])
             else:  # paused (drain, quarantine, shutdown) while the pop waited: not ours to run, nor to hand back

@@ -1,6 +1,7 @@
 """Two specs of ONE model name on two live CPU workers (a farm of its own: API, control worker with beat, own Valkey,
-two vLLM workers on the tiny model): traffic splits by weight, a weight-0 standby answers only while the other
-spec is down, and a SIGKILLed worker's traffic moves to the other spec with no failed request.
+two vLLM workers on the tiny model, one taking its messages on its engine loop and one through Celery's consumer):
+traffic splits by weight, a weight-0 standby answers only while the other spec is down, and a SIGKILLed worker's
+traffic moves to the other spec with no failed request.
 
 Scenarios run in file order on the module's farm; the last one kills a worker.
 """
@@ -187,7 +188,9 @@ def fleet(django_db_setup, django_db_blocker, tiny_model_dir: Path, tmp_path_fac
         farm_processes.start("control", processes.control_worker_command(beat_schedule=str(home / "beat-schedule")))
         farm_processes.start("api", processes.api_command(host="127.0.0.1", port=api_port))
         start_worker(farm_processes, name="fleet-a", spec=SPEC_A, concurrency=SLOTS)
-        start_worker(farm_processes, name="fleet-b", spec=SPEC_B, concurrency=SLOTS)
+        # fleet-b takes its messages through Celery's consumer, as workers on brokers without BLMPOP do: every
+        # scenario here then runs both paths, side by side on one broker.
+        start_worker(farm_processes, name="fleet-b", spec=SPEC_B, concurrency=SLOTS, FARM_WORKER_CONSUMER="celery")
         wait_for(lambda: http_ok(f"{fleet.base_url}/readyz"), timeout=60, farm=farm_processes, what="the API")
         wait_for(
             lambda: fleet.serving("fleet-a", SPEC_A) and fleet.serving("fleet-b", SPEC_B),
@@ -196,6 +199,9 @@ def fleet(django_db_setup, django_db_blocker, tiny_model_dir: Path, tmp_path_fac
             what="both workers",
         )
         time.sleep(3)  # the Celery consumers start a moment after the heartbeat says ready
+        direct = "taking inference messages from"  # `gpu_workers.__main__`, when its engine loop takes them
+        assert direct in farm_processes.log_path("fleet-a").read_text()
+        assert direct not in farm_processes.log_path("fleet-b").read_text()
         FIGURES["farm start (2 workers), s"] = time.monotonic() - started
         # Both specs take requests through the API before any scenario measures a split. Once, in CI, the first
         # burst after start-up sent 60 of 64 requests to A (B's first only after 23 to A, and its jobs ran in

@@ -39,9 +39,12 @@ class Rig:
     events: list[dict[str, Any]]
     consumer: QueueConsumer | None = None
 
-    def start(self, *, concurrency: int = 8) -> QueueConsumer:
+    def start(self, *, concurrency: int = 8, also: tuple[str, ...] = ()) -> QueueConsumer:
         self.consumer = QueueConsumer(
-            runtime=self.runtime, client=self.runtime.host.redis, queue_names=[self.queue], concurrency=concurrency
+            runtime=self.runtime,
+            client=self.runtime.host.redis,
+            queue_names=[self.queue, *also],
+            concurrency=concurrency,
         )
 
         async def start() -> None:
@@ -381,3 +384,24 @@ def test_decode_reads_what_the_api_publishes() -> None:
     message, tag, request_id = message_decode(raw)
     assert (message.job_id, message.attempt, message.kind, message.stream_tokens) == ("j1", 2, "completion", False)
     assert tag == orjson.loads(raw)["properties"]["delivery_tag"] and request_id == "r1"
+
+
+def test_several_queues_take_turns(rig: Rig) -> None:
+    """BLMPOP serves the first non-empty key it is given; the consumer rotates its keys so that one busy spec's
+    queue cannot starve another's."""
+    other = queues.infer_queue(f"test-{uuid.uuid4().hex[:12]}")
+    rig.engine.token_interval_s = 0.02
+    first = [str(uuid.uuid4()) for _ in range(6)]
+    for job_id in first:
+        rig.publish(job_id, max_tokens=5)
+    second = str(uuid.uuid4())
+    rig.queue, own = other, rig.queue
+    rig.publish(second)
+    rig.queue = own
+    rig.start(concurrency=1, also=(other,))
+    rig.wait_outcomes([*first, second])
+    order = [e["job_id"] for e in rig.events if e["kind"] == "running"]
+    assert order.index(second) <= 1  # served second at the latest, not after the six of the other queue
+    sync_redis().delete(other)
+    jobs = [*first, second]
+    sync_redis().delete(*(redis_keys.job_stream(j) for j in jobs), *(redis_keys.job_claim(j, 1) for j in jobs))
