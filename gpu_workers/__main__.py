@@ -10,7 +10,8 @@ memory budget is the free VRAM (RAM on CPU hosts) at start unless `--memory-gib`
 
 The worker needs only REDIS_URL (broker + registry) and FARM_MODEL_DIR (weights). Spec definitions come from the
 catalogue the control plane publishes to Redis, so a spec is configured once, in the admin or a YAML file.
-One worker process per device: its Celery threads share one in-process vLLM engine per spec.
+One worker process per device: its engine loop takes the messages (gpu_workers/queue_consumer.py) and every job
+shares one in-process vLLM engine per spec.
 
     python -m gpu_workers --train cpu
 

@@ -21,7 +21,7 @@ REDIS_URL: str = _get("REDIS_URL", "redis://127.0.0.1:6390/0")
 FARM_MODEL_DIR: Path = Path(_get("FARM_MODEL_DIR", str(Path(__file__).resolve().parent.parent / "models")))
 # Stable id of this worker in the registry (default: host name + pid).
 FARM_WORKER_ID: str = _get("FARM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
-# Concurrent inference tasks (Celery threads) sharing each engine; vLLM batches them continuously.
+# Inference jobs in flight at once on this worker, all sharing its engines; vLLM batches them continuously.
 FARM_WORKER_CONCURRENCY: int = int(_get("FARM_WORKER_CONCURRENCY", "128"))
 # Seconds between heartbeats, and how long a registry entry lives without one.
 FARM_HEARTBEAT_S: float = float(_get("FARM_HEARTBEAT_S", "5"))
