@@ -8,6 +8,7 @@ worker on the tiny model at a time, and a Valkey of their own; the test reads th
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ FARM_ENV = {
     "FARM_WORKER_TTL_S": "5",
     "FARM_CPU_KVCACHE_GIB": "1",
 }
+# `gpu_workers.inference.outcome_log`'s line for a succeeded attempt.
+SUCCEEDED_LINE = re.compile(r" job ([0-9a-f-]{36}) attempt \d+ succeeded \(")
 # Few slots, so that a batch takes several waves and a kill finds lines mid-generation.
 SLOTS = 16
 
@@ -202,17 +205,36 @@ def succeeded_lines(farm: BatchFarm, batch_id: str) -> dict[str, int]:
         return {str(job_id): attempt for job_id, attempt in lines.values_list("id", "attempt")}
 
 
-def line_states(farm: BatchFarm, batch_id: str) -> tuple[frozenset[str], frozenset[str]] | None:
-    """(succeeded, running) line job ids, or None while no line is running."""
+def logged_done(farm: BatchFarm, batch_id: str) -> frozenset[str]:
+    """The batch's line jobs that the workers' logs say succeeded. The worker logs an outcome as it reports it; the
+    database follows through the control queue, which a starved control worker on a loaded 2-core host once left
+    ~25 s behind (CI, 2026-12-05): long enough for the whole batch to finish before the database showed 60 lines."""
     from farm.models import Job
 
+    with farm.db.unblock():
+        ids = {str(job_id) for job_id in Job.objects.filter(batch_line__batch_id=batch_id).values_list("id", flat=True)}
+    logged = {
+        job_id
+        for worker in farm.workers
+        for job_id in SUCCEEDED_LINE.findall(farm.processes.log_path(worker).read_text(errors="replace"))
+    }
+    return frozenset(logged & ids)
+
+
+def settled_lines(farm: BatchFarm, batch_id: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(lines the worker logged as done, lines running) once the database holds every logged outcome and shows a
+    line running; None before."""
+    from farm.models import Job
+
+    done = logged_done(farm, batch_id)
     with farm.db.unblock():
         rows = Job.objects.filter(batch_line__batch_id=batch_id, status__in=("succeeded", "running"))
         states = list(rows.values_list("id", "status"))
     running = frozenset(str(job_id) for job_id, status in states if status == "running")
-    if not running:
+    succeeded = {str(job_id) for job_id, status in states if status == "succeeded"}
+    if not running or not done <= succeeded:
         return None
-    return frozenset(str(job_id) for job_id, status in states if status == "succeeded"), running
+    return done, running
 
 
 def output_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -334,13 +356,11 @@ def test_a_worker_killed_midway_does_not_rerun_finished_lines(batch_farm: BatchF
     # The engine is paused before the kill, and the kill waits until the lines stop moving: the worker first drains
     # what the engine made before the pause (its ZMQ queue to the worker is unbounded: the tiny model can be
     # hundreds of tokens ahead, and the lines then in flight end anyway), then starts new lines that cannot finish.
-    wait_for(
-        lambda: len(succeeded_lines(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05, what="60 finished lines"
-    )
     victim = batch_farm.workers[-1]
+    wait_for(lambda: len(logged_done(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05, what="60 done lines")
     with batch_farm.processes.engines_paused([victim]):  # resuming the killed one is a no-op
         wait_quiet(
-            lambda: line_states(batch_farm, batch.id),
+            lambda: settled_lines(batch_farm, batch.id),
             quiet_s=3.0,
             timeout=120,
             what="lines stuck in flight on the paused engine",
