@@ -14,6 +14,11 @@ At each tick: outcomes of ended line jobs are copied into their lines (a line wi
 after a worker dies, only its unfinished lines run again, through the job's own requeue), the window is topped up,
 counts are updated, and once every line has an outcome the output and error files are written in the OpenAI batch
 format and the batch completes. One tick per batch at a time (a Redis lock); ticks are idempotent.
+
+A cancel (or expiry) stops the lines at once: pending ones never run, in-flight jobs are cancelled and their workers
+told. A running line may still finish before the abort reaches its worker; its success then wins
+(`batch_line_late_success`), so the batch stays `cancelling` until every running line's worker has answered (its
+success, or the usage of the aborted attempt), at most `FARM_BATCH_CANCEL_GRACE_S`, and finishes under its row lock.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ MAX_VALIDATION_ERRORS = 100
 LOCK_TTL_S = 600
 # Many lines ending within this many seconds share one tick.
 TICK_DEBOUNCE_S = 0.2
+# A stopped batch awaiting its running lines' workers looks again this often.
+AWAIT_POLL_S = 1.0
 
 # (url, body) -> (job kind, model name, job request); ValueError with the API's message for an invalid body.
 # Supplied by the API layer, which owns the request schemas (`api.openai.batches.lines.batch_line_job`).
@@ -252,7 +259,10 @@ def _advance(batch_id: str, line_job: LineJob, shape_body: BodyShaper) -> str | 
                 batch_kick(batch_id=batch.pk, countdown=2.0)
         counts = _count(batch)
         if counts[BatchLineStatus.PENDING] == 0 and counts[BatchLineStatus.SUBMITTED] == 0:
-            _finalize(batch)
+            if batch.status == BatchStatus.CANCELLING and _awaiting_workers(batch):
+                batch_kick(batch_id=batch.pk, countdown=AWAIT_POLL_S)
+            else:
+                _finalize(batch)
     elif batch.status == BatchStatus.FINALIZING:  # a tick died while finalizing
         _finalize(batch)
     batch.refresh_from_db()
@@ -501,7 +511,10 @@ def _error_response(job: Job, status_code: int, error: dict[str, Any]) -> dict[s
 
 def _outcome(batch: Batch, line: BatchLine, job: Job, shape_body: BodyShaper) -> None:
     """Copies an ended job's outcome into its line, as OpenAI batch output `response` / `error`."""
-    if job.status == JobStatus.SUCCEEDED:
+    canceled_by_batch = (job.error or {}).get("message") == f"canceled by {_canceler(batch.pk)}"
+    if job.status == JobStatus.SUCCEEDED or (
+        job.status == JobStatus.CANCELED and canceled_by_batch and job.result is not None  # it finished first
+    ):
         result = job.result or {}
         usage = job.usage or {}
         sub = Submission(
@@ -549,6 +562,46 @@ def _collect(batch: Batch, shape_body: BodyShaper) -> None:
     )
 
 
+def _canceler(batch_id: str) -> str:
+    """Who cancels a batch's line jobs, as their error message names it."""
+    return f"batch {batch_id}"
+
+
+def _awaiting_workers(batch: Batch) -> bool:
+    """Whether a line job that was running when the batch stopped has not been answered by its worker yet (neither
+    its success nor its aborted attempt's usage), within `FARM_BATCH_CANCEL_GRACE_S` of the stop."""
+    stopped_at = batch.cancelling_at or batch.expires_at or timezone.now()
+    if timezone.now() >= stopped_at + timedelta(seconds=env.FARM_BATCH_CANCEL_GRACE_S):
+        return False
+    return Job.objects.filter(
+        batch_line__batch=batch,
+        status=JobStatus.CANCELED,
+        started_at__isnull=False,
+        usage__isnull=True,
+        error__message=f"canceled by {_canceler(batch.pk)}",
+    ).exists()
+
+
+def batch_line_late_success(*, job_id: str, attempt: int, worker_id: str, detail: dict[str, Any]) -> bool:
+    """A success that arrived after its job was canceled: the job keeps the attempt's result and usage
+    (`jobs.job_record_canceled_usage`). A line of a batch still `cancelling` goes back to `submitted`, and the tick
+    that the job's end kicks puts its result in the output file. Under the batch's row lock, taken first as `_finalize`
+    takes it: the output file has the line, or the batch had already ended. Returns whether the job took it."""
+    batch_id = BatchLine.objects.filter(job_id=job_id).values_list("batch_id", flat=True).first()
+    with transaction.atomic():
+        cancelling = (
+            batch_id is not None
+            and Batch.objects.select_for_update().filter(pk=batch_id, status=BatchStatus.CANCELLING).exists()
+        )
+        if not jobs.job_record_canceled_usage(job_id=job_id, attempt=attempt, worker_id=worker_id, detail=detail):
+            return False
+        if cancelling:
+            BatchLine.objects.filter(job_id=job_id, status=BatchLineStatus.CANCELLED).update(
+                status=BatchLineStatus.SUBMITTED, error=None
+            )
+    return True
+
+
 def _stop(batch: Batch, *, code: str, message: str) -> None:
     """Cancel or expiry: pending lines never run; in-flight line jobs are cancelled (their workers abort them)."""
     BatchLine.objects.filter(batch=batch, status=BatchLineStatus.PENDING).update(
@@ -557,7 +610,7 @@ def _stop(batch: Batch, *, code: str, message: str) -> None:
     active = BatchLine.objects.filter(
         batch=batch, status=BatchLineStatus.SUBMITTED, job__status__in=(JobStatus.QUEUED, JobStatus.RUNNING)
     ).values_list("job_id", flat=True)
-    _cancel_line_jobs([str(job_id) for job_id in active], by=f"batch {batch.pk}")
+    _cancel_line_jobs([str(job_id) for job_id in active], by=_canceler(batch.pk))
 
 
 def _cancel_line_jobs(job_ids: list[str], *, by: str) -> None:
@@ -641,24 +694,25 @@ def _finalize(batch: Batch) -> None:
     Batch.objects.filter(pk=batch.pk, status=BatchStatus.IN_PROGRESS).update(
         status=BatchStatus.FINALIZING, finalizing_at=now
     )
-    batch.refresh_from_db()
-    expired = batch.expires_at is not None and batch.expires_at <= now and batch.cancelling_at is None
-    if batch.status == BatchStatus.CANCELLING:
-        final, stamp = (BatchStatus.EXPIRED, "expired_at") if expired else (BatchStatus.CANCELLED, "cancelled_at")
-    else:
-        final, stamp = BatchStatus.COMPLETED, "completed_at"
-    usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    for response in (
-        BatchLine.objects.filter(batch=batch, status=BatchLineStatus.SUCCEEDED)
-        .values_list("response", flat=True)
-        .iterator(chunk_size=1000)
-    ):
-        line_usage = (response or {}).get("body", {}).get("usage", {})
-        usage["input_tokens"] += line_usage.get("prompt_tokens", 0)
-        usage["output_tokens"] += line_usage.get("completion_tokens", 0)
-    usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-    counts = _count(batch)
     with transaction.atomic():
+        # The row lock orders this against `batch_line_late_success`: a line it re-opened waits for the next tick.
+        locked = (
+            Batch.objects.select_for_update()
+            .filter(pk=batch.pk, status__in=(BatchStatus.FINALIZING, BatchStatus.CANCELLING))
+            .first()
+        )
+        if locked is None:  # another tick finished it first
+            return
+        batch = locked
+        counts = _count(batch)
+        if counts[BatchLineStatus.PENDING] or counts[BatchLineStatus.SUBMITTED]:
+            return
+        expired = batch.expires_at is not None and batch.expires_at <= now and batch.cancelling_at is None
+        if batch.status == BatchStatus.CANCELLING:
+            final, stamp = (BatchStatus.EXPIRED, "expired_at") if expired else (BatchStatus.CANCELLED, "cancelled_at")
+        else:
+            final, stamp = BatchStatus.COMPLETED, "completed_at"
+        usage = _usage(batch)
         ids: dict[str, str] = {}
         for field, succeeded, suffix in (("output_file_id", True, "output"), ("error_file_id", False, "error")):
             spool = _jsonl_file(_output_records(batch, succeeded=succeeded))
@@ -684,6 +738,21 @@ def _finalize(batch: Batch) -> None:
         if not moved:  # another tick finished it first: drop these files with the transaction
             transaction.set_rollback(True)
     log.info("batch %s %s: %s", batch.pk, final, counts)
+
+
+def _usage(batch: Batch) -> dict[str, int]:
+    """The batch's tokens: the sum of its succeeded lines' usage."""
+    usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    for response in (
+        BatchLine.objects.filter(batch=batch, status=BatchLineStatus.SUCCEEDED)
+        .values_list("response", flat=True)
+        .iterator(chunk_size=1000)
+    ):
+        line_usage = (response or {}).get("body", {}).get("usage", {})
+        usage["input_tokens"] += line_usage.get("prompt_tokens", 0)
+        usage["output_tokens"] += line_usage.get("completion_tokens", 0)
+    usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+    return usage
 
 
 def batch_line_counts(*, batch_id: str) -> dict[str, int]:

@@ -86,7 +86,8 @@ def plan_event_run(events: Sequence[dict[str, Any]], rows: dict[str, JobRow], *,
 
     `running` moves a queued job on its attempt; `succeeded` moves an active job on its attempt (a queued one gets
     its inferred `running` first) and adds its tokens to its key's usage. Anything else is a late or duplicate event:
-    ignored. Events of jobs not in `rows` or not inference jobs are returned in `alone`."""
+    ignored. Returned in `alone`: events of jobs not in `rows` or not inference jobs, and a success of a canceled
+    job on its attempt (it finished before the cancel reached its worker: `jobs.job_record_canceled_usage`)."""
     plan = Plan()
     for event in events:
         job_id, attempt, worker_id = event["job_id"], event["attempt"], event["worker_id"]
@@ -95,6 +96,9 @@ def plan_event_run(events: Sequence[dict[str, Any]], rows: dict[str, JobRow], *,
             plan.alone.append(event)
             continue
         detail = event["detail"]
+        if event["kind"] == JobStatus.SUCCEEDED and row.status == JobStatus.CANCELED and row.attempt == attempt:
+            plan.alone.append(event)
+            continue
         if row.attempt != attempt or (
             row.status != JobStatus.QUEUED
             if event["kind"] == JobStatus.RUNNING

@@ -298,7 +298,13 @@ def job_apply_event(*, job_id: str, attempt: int, kind: str, worker_id: str, det
     if kind not in _ALLOWED_FROM:
         log.warning("job %s: unknown event %r ignored", job_id, kind)
         return False
-    return job_transition(job_id=job_id, attempt=attempt, to=kind, worker_id=worker_id, detail=detail)
+    if job_transition(job_id=job_id, attempt=attempt, to=kind, worker_id=worker_id, detail=detail):
+        return True
+    if kind == JobStatus.SUCCEEDED:  # it finished before a cancel reached its worker: the canceled job keeps it
+        from farm.batches import batch_line_late_success
+
+        return batch_line_late_success(job_id=job_id, attempt=attempt, worker_id=worker_id, detail=detail)
+    return False
 
 
 def job_apply_events(
@@ -376,17 +382,24 @@ def job_record_progress(*, job_id: str, attempt: int, kind: str, worker_id: str,
 
 def job_record_canceled_usage(*, job_id: str, attempt: int, worker_id: str, detail: dict[str, Any]) -> bool:
     """Stores the tokens a canceled attempt used (prompt + what it generated before the abort) on the job, and
-    counts them against its key like a finished request's: the engine spent them. Once per job: only a canceled
-    job with no usage yet takes it, so a duplicate event changes nothing."""
+    counts them against its key like a finished request's: the engine spent them. An attempt that finished before
+    the cancel reached its worker reports its success instead: its `result` is stored too (the job stays canceled;
+    a cancelling batch still puts it in its output, `farm.batches`). Once per job: only a canceled job with no usage
+    yet takes it, so a duplicate event changes nothing."""
     from farm.usage import usage_record
 
     usage = _storable(detail.get("usage") or {})
+    changes: dict[str, Any] = {"usage": usage}
+    note: dict[str, Any] = {"usage": usage}
+    if "result" in detail:
+        changes["result"] = _storable(detail["result"])
+        note["finished_before_cancel"] = True
     with transaction.atomic():
         moved = Job.objects.filter(pk=job_id, attempt=attempt, status=JobStatus.CANCELED, usage__isnull=True).update(
-            usage=usage
+            **changes
         )
         if moved:
-            _record(job_id, USAGE_EVENT, attempt, worker_id, {"usage": usage})
+            _record(job_id, USAGE_EVENT, attempt, worker_id, note)
             usage_record(job_id=job_id)
     if not moved:
         log.info("job %s: usage of attempt %d ignored: not a canceled job without usage", job_id, attempt)

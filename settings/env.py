@@ -133,6 +133,9 @@ FARM_FILES_STORAGE_OPTIONS: str | None = env_str("FARM_FILES_STORAGE_OPTIONS")
 FARM_BATCH_MAX_LINES: int = env_int("FARM_BATCH_MAX_LINES", 50_000)
 # Most line jobs of one batch queued or running at once; the control worker tops the window up as lines finish.
 FARM_BATCH_WINDOW: int = env_int("FARM_BATCH_WINDOW", 256)
+# A cancelled (or expired) batch waits up to this long for the workers of its running lines to answer the abort:
+# a line that finished first keeps its result (`farm.batches`). A worker that died answers nothing; this bounds it.
+FARM_BATCH_CANCEL_GRACE_S: float = env_float("FARM_BATCH_CANCEL_GRACE_S", 30.0)
 
 
 def admin_path(value: str | None, *, production: bool) -> str:

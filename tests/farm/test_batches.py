@@ -19,7 +19,7 @@ from farm.batches import batch_advance, batch_cancel, batch_create, batch_get, b
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import Conflict, InvalidRequest, NotFound
 from farm.files import file_create, file_get, file_iter_lines
-from farm.jobs import job_apply_event
+from farm.jobs import job_apply_event, job_apply_events
 from farm.models import Batch, BatchLine, BatchLineStatus, BatchStatus, Job, JobEvent, JobStatus
 from farm.redis_client import sync_redis
 from settings import env
@@ -221,6 +221,91 @@ def test_cancel_stops_topping_up_and_cancels_in_flight_lines(owner, live_spec, m
     assert {r["error"]["code"] for r in errors} == {"batch_cancelled"}
     assert all(r["response"] is None for r in errors)
     assert batch_cancel(batch_id=batch.pk, owner_id=owner.pk).status == BatchStatus.CANCELLED  # still a no-op
+
+
+def start(job: Job) -> None:
+    assert job_apply_event(job_id=str(job.pk), attempt=job.attempt, kind="running", worker_id=WORKER, detail={})
+
+
+def succeeded_event(job: Job, text: str = "late") -> dict[str, Any]:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    detail = {"result": {"text": text, "finish_reason": "length"}, "usage": usage}
+    return {"job_id": str(job.pk), "attempt": job.attempt, "kind": "succeeded", "worker_id": WORKER, "detail": detail}
+
+
+def line_status(batch: Batch, custom_id: str) -> str:
+    return BatchLine.objects.get(batch=batch, custom_id=custom_id).status
+
+
+def test_a_line_that_finished_before_the_cancel_reached_its_worker_keeps_its_result(owner, live_spec, monkeypatch):
+    monkeypatch.setattr(env, "FARM_BATCH_WINDOW", 2)
+    batch = make_batch(owner, lines(3))
+    tick(batch)
+    first, second = line_jobs(batch)
+    start(first)
+    start(second)
+    batch_cancel(batch_id=batch.pk, owner_id=owner.pk)
+    # Both were running: the batch waits for their workers' answers (their lines are collected as cancelled).
+    assert tick(batch) == BatchStatus.CANCELLING
+    assert line_status(batch, "c0") == BatchLineStatus.CANCELLED
+    # The first had finished on its worker: its success (a bulk run of events, as workers send) wins over the cancel.
+    assert job_apply_events(events=[succeeded_event(first)]) == 1
+    first.refresh_from_db()
+    assert (first.status, first.result["text"], first.usage["completion_tokens"]) == (JobStatus.CANCELED, "late", 2)
+    assert line_status(batch, "c0") == BatchLineStatus.SUBMITTED
+    assert tick(batch) == BatchStatus.CANCELLING  # the second's worker has not answered yet
+    # The second was aborted: its worker reports the usage of the attempt, which is its answer.
+    aborted = {"usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+    assert job_apply_event(
+        job_id=str(second.pk), attempt=second.attempt, kind="usage", worker_id=WORKER, detail=aborted
+    )
+    assert tick(batch) == BatchStatus.CANCELLED
+    batch.refresh_from_db()
+    assert (batch.completed, batch.failed, batch.total) == (1, 0, 3)
+    assert batch.usage == {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    output = records(batch.output_file_id)
+    assert [(r["custom_id"], r["response"]["body"]["choices"][0]["message"]["content"]) for r in output] == [
+        ("c0", "late")
+    ]
+    assert [(r["custom_id"], r["error"]["code"]) for r in records(batch.error_file_id)] == [
+        ("c1", "batch_cancelled"),
+        ("c2", "batch_cancelled"),
+    ]
+    assert JobEvent.objects.filter(job=first, kind="usage", detail__finished_before_cancel=True).exists()
+
+
+def test_a_cancelled_batch_waits_for_silent_workers_only_for_the_grace(owner, live_spec, monkeypatch) -> None:
+    monkeypatch.setattr(env, "FARM_BATCH_WINDOW", 1)
+    batch = make_batch(owner, lines(2))
+    tick(batch)
+    (job,) = line_jobs(batch)
+    start(job)
+    batch_cancel(batch_id=batch.pk, owner_id=owner.pk)
+    assert tick(batch) == BatchStatus.CANCELLING  # its worker may still answer
+    monkeypatch.setattr(env, "FARM_BATCH_CANCEL_GRACE_S", 0.0)  # a dead worker never does
+    assert tick(batch) == BatchStatus.CANCELLED
+    # A success after the batch ended: the job keeps its tokens, the written batch does not change.
+    assert job_apply_event(**succeeded_event(job))
+    job.refresh_from_db()
+    assert (job.status, job.result["text"]) == (JobStatus.CANCELED, "late")
+    assert line_status(batch, "c0") == BatchLineStatus.CANCELLED
+    batch.refresh_from_db()
+    assert not batch.output_file_id and batch.completed == 0
+
+
+def test_a_late_success_of_a_line_job_cancelled_on_its_own_is_not_a_batch_result(owner, live_spec) -> None:
+    batch = make_batch(owner, lines(1))
+    tick(batch)
+    (job,) = line_jobs(batch)
+    start(job)
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.CANCELED, error={"code": "canceled", "message": "by user"})
+    Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.CANCELLING, cancelling_at=timezone.now())
+    assert job_apply_event(**succeeded_event(job))  # its tokens are kept on the job
+    assert not job_apply_event(**succeeded_event(job))  # once
+    assert tick(batch) == BatchStatus.CANCELLED
+    batch.refresh_from_db()
+    assert [r["custom_id"] for r in records(batch.error_file_id)] == ["c0"]
+    assert line_status(batch, "c0") == BatchLineStatus.CANCELLED
 
 
 def test_a_finished_batch_cannot_be_cancelled(owner, live_spec) -> None:

@@ -58,7 +58,7 @@ def test_only_starts_and_successes_in_the_workers_shape_join_a_run() -> None:
         (JobStatus.RUNNING, 1, JobStatus.SUCCEEDED, True),
         (JobStatus.QUEUED, 1, JobStatus.SUCCEEDED, True),  # its running event comes later (or never)
         (JobStatus.RUNNING, 2, JobStatus.SUCCEEDED, False),
-        (JobStatus.CANCELED, 1, JobStatus.SUCCEEDED, False),  # a terminal state is never left
+        (JobStatus.CANCELED, 1, JobStatus.SUCCEEDED, False),  # never left; it may keep its output (goes alone)
         (JobStatus.SUCCEEDED, 1, JobStatus.SUCCEEDED, False),
     ],
 )
@@ -66,11 +66,12 @@ def test_a_transition_moves_only_from_where_the_state_machine_allows(
     status: str, attempt: int, kind: str, moves: bool
 ) -> None:
     rows = {"a": row(status, attempt=attempt)}
-    plan = plan_event_run([event(kind, result=RESULT, usage=USAGE)], rows, now=NOW)
+    the_event = event(kind, result=RESULT, usage=USAGE)
+    plan = plan_event_run([the_event], rows, now=NOW)
     assert plan.moved == int(moves)
     assert bool(rows["a"].changes) == moves
     assert plan.ended == (["a"] if moves and kind == JobStatus.SUCCEEDED else [])
-    assert not plan.alone
+    assert plan.alone == ([the_event] if status == JobStatus.CANCELED else [])  # `job_record_canceled_usage`
 
 
 def test_start_then_success_in_one_run_is_one_row_write_and_two_history_entries() -> None:

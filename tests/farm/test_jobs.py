@@ -19,7 +19,15 @@ from farm import queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import Conflict, NotFound
 from farm.job_streams import job_stream_append
-from farm.jobs import QueuedJob, job_apply_event, job_cancel, job_create, job_insert_queued, job_is_terminal
+from farm.jobs import (
+    USAGE_EVENT,
+    QueuedJob,
+    job_apply_event,
+    job_cancel,
+    job_create,
+    job_insert_queued,
+    job_is_terminal,
+)
 from farm.models import TERMINAL_STATUSES, Job, JobEvent, JobKind, JobStatus
 from farm.redis_client import sync_redis
 
@@ -303,10 +311,16 @@ def test_cancel_ends_an_active_job_and_signals_workers(
     assert (canceled.status, canceled.error["code"]) == (JobStatus.CANCELED, "canceled")
     assert sync_redis().exists(redis_keys.job_cancel(str(job.pk)))
     assert [type(e).__name__ for e in stream_events(job)] == ["Failure"]
-    # Canceling again is a no-op; the worker's late events change nothing.
+    # Canceling again is a no-op. A success that crossed the cancel keeps its output and tokens, once; the job stays
+    # canceled (a terminal state is final).
     assert job_cancel(job_id=str(job.pk), owner_id=job.owner_id).status == JobStatus.CANCELED
-    assert not apply(job, JobStatus.SUCCEEDED, result=RESULT)
-    assert [event[0] for event in events(job)] == [JobStatus.RUNNING] * started + [JobStatus.CANCELED]
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert apply(job, JobStatus.SUCCEEDED, result=RESULT, usage=usage)
+    assert not apply(job, JobStatus.SUCCEEDED, result=RESULT, usage=usage)
+    job.refresh_from_db()
+    assert (job.status, job.result, job.usage) == (JobStatus.CANCELED, RESULT, usage)
+    kinds = [event[0] for event in events(job)]
+    assert kinds == [JobStatus.RUNNING] * started + [JobStatus.CANCELED, USAGE_EVENT]
 
 
 def test_cancel_of_a_finished_job_is_a_conflict(job: Job) -> None:
