@@ -91,9 +91,19 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, float | None]]:
-    """Per concurrency: throughput ratios and the TTFT the farm adds over each reference (ms, pooled p50/p99)."""
-    out: dict[int, dict[str, float | None]] = {}
+def paired_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float] | None:
+    """Round by round, `a`'s throughput over `b`'s (interleaved rounds run both arms back to back, so each pair saw
+    the same machine); None unless both ran the same rounds."""
+    rounds_a, rounds_b = a.get("output_tok_per_s_rounds") or [], b.get("output_tok_per_s_rounds") or []
+    if not rounds_a or len(rounds_a) != len(rounds_b) or not all(rounds_b):
+        return None
+    return [x / y for x, y in zip(rounds_a, rounds_b, strict=True)]
+
+
+def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Per concurrency: throughput ratios (of the arms' medians, and `<ratio> rounds`: paired round by round) and
+    the TTFT the farm adds over each reference (ms, pooled p50/p99)."""
+    out: dict[int, dict[str, Any]] = {}
     levels = sorted({c for arm in summary.values() for c in arm})
     for c in levels:
         farm, serve, direct = (summary.get(name, {}).get(c, {}) for name in (FARM, SERVE, DIRECT))
@@ -102,6 +112,8 @@ def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict
             "farm/direct": _ratio(farm.get(tput), direct.get(tput)),
             "farm/vllm-serve": _ratio(farm.get(tput), serve.get(tput)),
             "vllm-serve/direct": _ratio(serve.get(tput), direct.get(tput)),
+            "farm/direct rounds": paired_ratios(farm, direct),
+            "farm/vllm-serve rounds": paired_ratios(farm, serve),
             "added_ttft_p50_ms_vs_serve": _minus(farm.get("ttft_p50_ms"), serve.get("ttft_p50_ms")),
             "added_ttft_p99_ms_vs_serve": _minus(farm.get("ttft_p99_ms"), serve.get("ttft_p99_ms")),
             "added_ttft_p50_ms_vs_direct": _minus(farm.get("ttft_p50_ms"), direct.get("ttft_p50_ms")),
@@ -110,8 +122,11 @@ def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict
     return out
 
 
-def checks(compared: dict[int, dict[str, float | None]]) -> list[dict[str, Any]]:
-    """The bars whose concurrency was measured, each with its value and whether it passed (None: no value)."""
+def checks(compared: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The bars whose concurrency was measured, each with its value, whether it passed (None: no value) and a
+    verdict: `pass`, `FAIL`, `n/a`, or `undecided` for a throughput ratio whose paired rounds fall on both sides of
+    the threshold (the run's own round-to-round spread is wider than the margin: more rounds, or a quieter machine,
+    are needed to call it). `rounds` holds those paired ratios."""
     if not compared:
         return []
     results = []
@@ -121,7 +136,21 @@ def checks(compared: dict[int, dict[str, float | None]]) -> list[dict[str, Any]]
             continue
         value = compared[level].get(key)
         passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-        results.append({"bar": text, "concurrency": level, "value": value, "threshold": threshold, "passed": passed})
+        rounds = compared[level].get(f"{key} rounds")
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[passed]
+        if passed is not None and rounds and len(rounds) > 1 and min(rounds) < threshold <= max(rounds):
+            verdict = "undecided"
+        results.append(
+            {
+                "bar": text,
+                "concurrency": level,
+                "value": value,
+                "threshold": threshold,
+                "passed": passed,
+                "verdict": verdict,
+                "rounds": rounds,
+            }
+        )
     return results
 
 
@@ -144,7 +173,7 @@ def render_table(rows: list[list[str]], headers: list[str], *, left: tuple[int, 
 
 def render(
     summary: dict[str, dict[int, dict[str, Any]]],
-    compared: dict[int, dict[str, float | None]],
+    compared: dict[int, dict[str, Any]],
     bars: list[dict[str, Any]],
     cpu: dict[str, dict[int, dict[str, float]]],
 ) -> str:
@@ -221,12 +250,18 @@ def render(
             b["bar"],
             str(b["concurrency"]),
             _fmt(b["value"], ".3f"),
-            {True: "pass", False: "FAIL", None: "n/a"}[b["passed"]],
+            " ".join(f"{r:.3f}" for r in b.get("rounds") or []) or "-",
+            b.get("verdict") or {True: "pass", False: "FAIL", None: "n/a"}[b["passed"]],
         ]
         for b in bars
     ]
     if bar_rows:
-        parts += ["", "Bars", render_table(bar_rows, ["bar", "conc", "value", "result"], left=(0, 3))]
+        parts += [
+            "",
+            "Bars (value: ratio of the arms' medians; paired rounds: round by round; undecided: the rounds fall on "
+            "both sides of the bar)",
+            render_table(bar_rows, ["bar", "conc", "value", "paired rounds", "result"], left=(0, 3, 4)),
+        ]
     cpu_rows = []
     for arm in (DIRECT, SERVE, FARM):
         for c, roles in sorted(cpu.get(arm, {}).items()):

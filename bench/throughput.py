@@ -32,7 +32,9 @@ with --warmup-requests short requests at the highest concurrency, then measured 
 concurrency level and, at each level, every arm once, in an order rotated per round (direct, vllm-serve, farm; then
 vllm-serve, farm, direct; ...). Before each batch the bench waits until all arms are idle (< 0.1 core together), so
 a farm still persisting job events does not steal CPU from the next arm. Throughput is the median over rounds;
-TTFT and latency percentiles pool the requests of all rounds.
+TTFT and latency percentiles pool the requests of all rounds. A throughput bar is judged on the ratio of the arms'
+medians, and is `undecided` when the ratios of the paired rounds fall on both sides of it: the run's own
+round-to-round spread is then wider than the margin it would claim.
 
 Why all three arms stay up (--layout interleaved, the default): interleaving is what makes the comparison fair on a
 shared machine (a neighbour's burst hits every arm of a round instead of one arm's whole block), and it needs every

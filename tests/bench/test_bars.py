@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bench import report
 from bench.control_plane import bars
 
@@ -52,3 +54,31 @@ def test_serving_bars_of_the_benchmark_issue_hold_at_concurrency_64() -> None:
     assert {check["concurrency"] for check in at_64.values()} == {64}
     assert [check["passed"] for bar, check in sorted(at_64.items())] == [True, False]  # direct 0.96, serve 0.99
     assert report.checks({1: {}, 8: {}}) and not any("(#8)" in c["bar"] for c in report.checks({1: {}, 8: {}}))
+
+
+def test_a_ratio_whose_paired_rounds_straddle_its_bar_is_undecided() -> None:
+    def arm(*rounds: float) -> dict[int, dict[str, object]]:
+        figures = dict.fromkeys(("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "tpot_p50_ms"), 1.0)
+        median = sorted(rounds)[len(rounds) // 2]
+        return {
+            64: {
+                **figures,
+                "output_tok_per_s_median": median,
+                "output_tok_per_s_rounds": rounds,
+                "errors": 0,
+                "requests": 2,
+            }
+        }
+
+    summary = {"direct": arm(100.0, 110.0), "vllm-serve": arm(114.6, 114.6), "farm": arm(114.7, 107.8)}
+    compared = report.comparisons(summary)
+    assert compared[64]["farm/vllm-serve rounds"] == pytest.approx([114.7 / 114.6, 107.8 / 114.6])
+    verdicts = {check["bar"]: check for check in report.checks(compared) if "(#8)" in check["bar"]}
+    serve = next(check for bar, check in verdicts.items() if "vllm-serve" in bar)
+    direct = next(check for bar, check in verdicts.items() if "direct" in bar)
+    # farm 114.7 / serve 114.6 by the medians (> 1.0), but one round over and one under: the run cannot tell.
+    assert (serve["passed"], serve["verdict"]) == (True, "undecided")
+    assert (direct["passed"], direct["verdict"]) == (True, "pass")  # 1.15 and 0.98: both over 0.95
+    assert "undecided" in report.render(summary, compared, report.checks(compared), {})
+    # One round, or arms with different rounds, are not paired.
+    assert report.paired_ratios({"output_tok_per_s_rounds": [1.0]}, {"output_tok_per_s_rounds": [1.0, 2.0]}) is None
