@@ -251,7 +251,7 @@ def render(
             str(b["concurrency"]),
             _fmt(b["value"], ".3f"),
             " ".join(f"{r:.3f}" for r in b.get("rounds") or []) or "-",
-            b.get("verdict") or {True: "pass", False: "FAIL", None: "n/a"}[b["passed"]],
+            b["verdict"],
         ]
         for b in bars
     ]

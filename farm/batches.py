@@ -511,7 +511,7 @@ def _error_response(job: Job, status_code: int, error: dict[str, Any]) -> dict[s
 
 def _outcome(batch: Batch, line: BatchLine, job: Job, shape_body: BodyShaper) -> None:
     """Copies an ended job's outcome into its line, as OpenAI batch output `response` / `error`."""
-    canceled_by_batch = (job.error or {}).get("message") == f"canceled by {_canceler(batch.pk)}"
+    canceled_by_batch = (job.error or {}).get("message") == _cancel_message(_canceler(batch.pk))
     if job.status == JobStatus.SUCCEEDED or (
         job.status == JobStatus.CANCELED and canceled_by_batch and job.result is not None  # it finished first
     ):
@@ -563,22 +563,28 @@ def _collect(batch: Batch, shape_body: BodyShaper) -> None:
 
 
 def _canceler(batch_id: str) -> str:
-    """Who cancels a batch's line jobs, as their error message names it."""
+    """Who cancels a batch's line jobs (`_cancel_line_jobs`' `by`)."""
     return f"batch {batch_id}"
+
+
+def _cancel_message(by: str) -> str:
+    """The error message of line jobs cancelled by `by`: how a tick tells the batch's own cancels from others."""
+    return f"canceled by {by}"
 
 
 def _awaiting_workers(batch: Batch) -> bool:
     """Whether a line job that was running when the batch stopped has not been answered by its worker yet (neither
     its success nor its aborted attempt's usage), within `FARM_BATCH_CANCEL_GRACE_S` of the stop."""
-    stopped_at = batch.cancelling_at or batch.expires_at or timezone.now()
-    if timezone.now() >= stopped_at + timedelta(seconds=env.FARM_BATCH_CANCEL_GRACE_S):
+    now = timezone.now()
+    stopped_at = batch.cancelling_at or batch.expires_at or now
+    if now >= stopped_at + timedelta(seconds=env.FARM_BATCH_CANCEL_GRACE_S):
         return False
     return Job.objects.filter(
         batch_line__batch=batch,
         status=JobStatus.CANCELED,
         started_at__isnull=False,
         usage__isnull=True,
-        error__message=f"canceled by {_canceler(batch.pk)}",
+        error__message=_cancel_message(_canceler(batch.pk)),
     ).exists()
 
 
@@ -621,7 +627,7 @@ def _cancel_line_jobs(job_ids: list[str], *, by: str) -> None:
     jobs have no dependents."""
     if not job_ids:
         return
-    error = {"code": "canceled", "message": f"canceled by {by}"}
+    error = {"code": "canceled", "message": _cancel_message(by)}
     active = (JobStatus.QUEUED, JobStatus.RUNNING)
     with transaction.atomic():
         ids = list(
