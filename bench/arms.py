@@ -29,6 +29,7 @@ import psutil
 from bench.direct_arm import FARM_ENGINE_DEFAULTS
 from bench.loadgen import Batch, Sample, closed_loop
 from bench.private_farm import ROOT, PrivateFarm, stop_process_group
+from farm.processes import spawn_child
 
 
 def free_port() -> int:
@@ -212,7 +213,7 @@ class DirectArm(Arm):
             json.dumps(self.engine_args),
         ]
         self.process = await asyncio.to_thread(
-            subprocess.Popen,
+            spawn_child,
             command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -220,7 +221,6 @@ class DirectArm(Arm):
             cwd=ROOT,
             env=self.env,
             text=True,
-            start_new_session=True,
         )
         ready = await asyncio.wait_for(self._read(), timeout_s)
         self.load_s = ready["load_s"]
@@ -325,13 +325,12 @@ class VllmServeArm(HttpArm):
         ]
         started = time.monotonic()
         self.process = await asyncio.to_thread(
-            subprocess.Popen,
+            spawn_child,
             self.command,
             stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env=self.env,
-            start_new_session=True,
         )
         deadline = started + timeout_s
         while await http_status(f"http://127.0.0.1:{self.port}/health") != 200:

@@ -113,8 +113,8 @@ class PrivateFarm:
 
     def spawn(self, name: str, command: list[str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
-        self.children[name] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env(), start_new_session=True
+        self.children[name] = processes.spawn_child(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env()
         )
 
     def start(self, *, worker: bool = True) -> None:
@@ -170,7 +170,8 @@ def stop_process_group(process: subprocess.Popen, *, timeout: float, own_group: 
     """Waits for `process` (already asked to stop), then kills what is left of its process group.
 
     vLLM's engine-core and model-runner processes stay in the group of the process that started them and can
-    outlive it; `own_group` says the bench started `process` with start_new_session, so its group is the bench's.
+    outlive it; `own_group` says the bench started `process` in a group of its own (`spawn_child`), so that group is the
+    process'.
     """
     try:
         process.wait(timeout=timeout)

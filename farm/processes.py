@@ -1,11 +1,26 @@
-"""Command lines of the farm's processes, used by `manage.py runfarm` and by the tests' live farm."""
+"""Command lines of the farm's processes, used by `manage.py runfarm` and by the tests' live farm, and how they
+are started (`spawn_child`)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from farm import queues
+
+
+def spawn_child(command: Sequence[str], **popen: Any) -> subprocess.Popen:
+    """Starts a farm process in a process group of its own (`os.killpg(child.pid, ...)` reaches a worker's vLLM
+    engine processes too) that stays in the launcher's session, with stdin closed unless `popen` says otherwise.
+
+    Not a session of its own (`start_new_session`): Linux's autogroup scheduler (`kernel.sched_autogroup_enabled`,
+    on by default) shares the CPU between sessions before threads, and with vLLM's compute threads pinned to one core
+    a busy engine then kept the control worker runnable but off the CPU for up to 16 s at a time on a 2-core host
+    (tests/api/test_batches.py, 2026-12-05: 9 such stalls, 22 s in all, in one run; none with one session)."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(command, process_group=0, **popen)
 
 
 def api_command(*, host: str, port: int, workers: int = 1) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from farm import queues, redis_keys
+from farm.processes import spawn_child
 from farm.redis_client import redis_connect
 from gpu_workers.job_api import JobApi, pack_directory, unpack_archive
 from gpu_workers.job_events import JobEventPublisher
@@ -225,11 +226,10 @@ class TrainingRunner:
         spec_path = self._prepare(message, workdir, api)
         stderr_path = workdir / "stderr.log"
         with stderr_path.open("wb") as stderr:
-            process = subprocess.Popen(
+            process = spawn_child(
                 [sys.executable, "-m", "gpu_workers.training", str(spec_path)],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
             )
         with self._lock:

@@ -31,13 +31,8 @@ class FarmProcesses:
 
     def start(self, name: str, command: list[str], **extra_env: str) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**self.env, **extra_env},
-            start_new_session=True,
+        process = processes.spawn_child(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**self.env, **extra_env}
         )
         self.children[name] = process
         return process

@@ -152,8 +152,8 @@ class Command(BaseCommand):
 
     def spawn(self, name: str, command: list[str], logs: Path, child_env: dict[str, str]) -> None:
         log_file = (logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env, cwd=env.BASE_DIR, start_new_session=True
+        process = processes.spawn_child(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env, cwd=env.BASE_DIR
         )
         self.children.append((name, process))
 
