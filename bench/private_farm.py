@@ -162,22 +162,20 @@ class PrivateFarm:
                 if self.children[name].poll() is None:
                     self.children[name].terminate()
             for name in group:
-                stop_process_group(self.children[name], timeout=30, own_group=name != "redis")
+                stop_process_group(self.children[name], timeout=30)
         self.children.clear()
 
 
-def stop_process_group(process: subprocess.Popen, *, timeout: float, own_group: bool = True) -> None:
+def stop_process_group(process: subprocess.Popen, *, timeout: float) -> None:
     """Waits for `process` (already asked to stop), then kills what is left of its process group.
 
     vLLM's engine-core and model-runner processes stay in the group of the process that started them and can
-    outlive it; `own_group` says the bench started `process` in a group of its own (`spawn_child`), so that group is the
-    process'.
+    outlive it; every process the bench starts has a group of its own (`farm.processes.spawn_child`).
     """
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    if own_group:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)

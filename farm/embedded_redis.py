@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from farm.processes import spawn_child
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,8 @@ def start_embedded_redis(
         "--daemonize",
         "no",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # Its own process group, like every farm process: a terminal's Ctrl-C reaches `runfarm`, which stops it last.
+    process = spawn_child(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis.Redis(port=port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
