@@ -172,3 +172,24 @@ def job_stream_outcome(job_id: str) -> End | Failure | None:
         return None
     event = stream_format.decode(entries[0][1][_FIELD])
     return event if isinstance(event, End | Failure) else None
+
+
+def job_stream_answered_at(job_id: str, attempt: int) -> float | None:
+    """Epoch seconds at which `attempt` wrote its answer (`End`) to the job's stream, else None: the proof that the
+    attempt finished although its outcome event may not have reached the database yet. The attempt that wrote the
+    stream's last entry is named by the last `Restart` before it (none: attempt 1)."""
+    client = sync_redis()
+    key = redis_keys.job_stream(job_id)
+    last = client.xrevrange(key, count=1)
+    if not last or not isinstance(stream_format.decode(last[0][1][_FIELD]), End):
+        return None
+    writer = 1
+    for _entry_id, fields in client.xrevrange(key):  # read only for the reaper's suspects: rare, and bounded
+        event = stream_format.decode(fields[_FIELD])
+        if isinstance(event, Restart):
+            writer = event.attempt
+            break
+    if writer != attempt:
+        return None
+    entry_id = last[0][0]
+    return int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0]) / 1000

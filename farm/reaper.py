@@ -3,7 +3,8 @@
 - running jobs whose worker has not been seen for a lease (FARM_JOB_LEASE_S) are requeued, or failed when their
   attempts are exhausted; so are queued jobs claimed by a worker that died before it reported them running, and,
   a lease after it was first seen, a queued job claimed by a live worker that does not run it (the claim's reply was
-  lost: the worker's redelivered copy then found the attempt taken, by itself);
+  lost: the worker's redelivered copy then found the attempt taken, by itself); a job whose answer is already in its
+  stream waits `ANSWERED_GRACE_LEASES` leases from that answer instead (its events are behind, not lost);
   "Seen" is the Worker row's `last_seen_at`, refreshed from the live registry at the start of each run, so a
   Redis restart (registry briefly empty) does not reap jobs whose workers are alive;
 - queued jobs past their deadline end `timed_out`;
@@ -23,6 +24,7 @@ from redis import Redis
 
 from farm import jobs, redis_keys
 from farm.failover import job_failover_dispatch, jobs_failover_queued
+from farm.job_streams import job_stream_answered_at
 from farm.models import Job, JobStatus, Worker
 from farm.redis_client import sync_redis
 from farm.registry import LiveWorker
@@ -30,6 +32,11 @@ from farm.workers import worker_registry_sync
 from settings import env
 
 log = logging.getLogger(__name__)
+
+# A job whose attempt already wrote its answer (`End`) to its stream has finished; only its outcome event has not
+# reached the database (a control queue running behind). Running it again would answer twice and count its tokens
+# twice, so it is given up on only if that event is still missing this many leases after the answer.
+ANSWERED_GRACE_LEASES = 3
 
 
 @dataclass
@@ -77,21 +84,34 @@ class _Now:
 class _Suspects:
     """Jobs a live worker was seen not running although their state says it should (`<job id>:<attempt>` -> epoch
     seconds of the first sighting), kept across reaper runs in a Redis hash: a job is given up on only once it has
-    been a suspect for a whole lease (its event may still be on its way through a busy control queue)."""
+    been a suspect for a whole lease (its event may still be on its way through a busy control queue), or longer
+    when its answer is already in its stream (`given_up`)."""
 
     def __init__(self, client: Redis, key: str, now: _Now) -> None:
         self._client, self._key, self._now = client, key, now
         self._seen = {k.decode(): float(v) for k, v in client.hgetall(key).items()}
         self._still: dict[str, float] = {}
 
-    def overdue(self, job: Job) -> bool:
-        """Records a sighting of `job`; True once it was first seen a whole lease ago (it is then dropped)."""
+    def given_up(self, job: Job) -> bool:
+        """Records a sighting of `job`; True once its event is presumed lost (it is then dropped): a whole lease
+        after the first sighting, or, when the attempt's answer is already in its stream, `ANSWERED_GRACE_LEASES`
+        leases after that answer was written."""
         key, at = f"{job.pk}:{job.attempt}", self._now.at.timestamp()
         first_seen = self._seen.get(key, at)
-        if at - first_seen >= self._now.lease_s:
-            return True
-        self._still[key] = first_seen
-        return False
+        if at - first_seen < self._now.lease_s:
+            self._still[key] = first_seen
+            return False
+        answered_at = job_stream_answered_at(str(job.pk), job.attempt)
+        if answered_at is not None and at - answered_at < ANSWERED_GRACE_LEASES * self._now.lease_s:
+            log.info(
+                "job %s attempt %d answered %.0f s ago; its outcome event is on its way",
+                job.pk,
+                job.attempt,
+                at - answered_at,
+            )
+            self._still[key] = first_seen
+            return False
+        return True
 
     def save(self) -> None:
         """Keeps this run's suspects; the others (ended, running again, requeued) are forgotten."""
@@ -117,7 +137,7 @@ def _reap_running(client: Redis, live: dict[str, LiveWorker], now: _Now, report:
             worker is not None
             and str(job.pk) not in worker.running_jobs
             and started < now.cutoff
-            and suspects.overdue(job)
+            and suspects.given_up(job)
         ):
             reason = f"worker {job.worker_id} no longer runs it"
             _requeue(job, reason, report, worker_id=job.worker_id, worker_died=False)
@@ -152,7 +172,7 @@ def _sweep_queued(
                 reason = f"worker {worker_id} died before starting it"
                 _requeue(job, reason, report, worker_id=worker_id, worker_died=True)
             # Its running (or outcome) event may be on its way: only a whole lease later is the claim orphaned.
-            elif worker is not None and str(job.pk) not in worker.running_jobs and suspects.overdue(job):
+            elif worker is not None and str(job.pk) not in worker.running_jobs and suspects.given_up(job):
                 reason = f"worker {worker_id} claimed it and does not run it"
                 _requeue(job, reason, report, worker_id=worker_id, worker_died=False)
             continue

@@ -1,5 +1,6 @@
 """The reaper (`farm.reaper.jobs_reap`) on the real database and Redis: silent workers lose their jobs, a live
-worker's job whose outcome event is still on its way is left alone for a lease, expired queued jobs time out."""
+worker's job whose outcome event is still on its way is left alone for a lease (longer when its answer is already in
+its stream), expired queued jobs time out."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from farm import queues, redis_keys
+from farm import queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
+from farm.job_streams import job_stream_answered_at
 from farm.jobs import job_apply_event, job_create
 from farm.models import Job, JobKind, JobStatus
-from farm.reaper import jobs_reap
+from farm.reaper import ANSWERED_GRACE_LEASES, jobs_reap
 from farm.redis_client import sync_redis
+from farm.stream_format import Delta, End, Restart
 
 pytestmark = pytest.mark.django_db
 
@@ -203,3 +206,67 @@ def test_a_claimed_job_its_live_worker_runs_is_left_alone(running_job: Job) -> N
         assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 1)
     finally:
         sync_redis().delete(claim, redis_keys.REAPER_CLAIM_SUSPECTS)
+
+
+def answered(job: Job, *, seconds_ago: float, attempt: int = 1) -> None:
+    """The job's stream as a worker leaves it when `attempt` answered `seconds_ago`: a delta, then its `End`."""
+    key = redis_keys.job_stream(str(job.pk))
+    client = sync_redis()
+    client.delete(key)
+    ms = int((time.time() - seconds_ago) * 1000)
+    if attempt > 1:
+        client.xadd(key, {stream_format.FIELD: stream_format.encode(Restart(attempt))}, id=f"{ms - 2}-0")
+    client.xadd(key, {stream_format.FIELD: stream_format.encode(Delta("hi", 1))}, id=f"{ms - 1}-0")
+    client.xadd(key, {stream_format.FIELD: stream_format.encode(End("stop", 1, 1))}, id=f"{ms}-0")
+
+
+def test_an_answered_job_whose_events_are_behind_is_not_run_twice(running_job: Job) -> None:
+    """The worker answered (its `End` is in the stream) but the control queue is behind by more than a lease: the
+    job waits `ANSWERED_GRACE_LEASES` leases from its answer, then is presumed lost and run again."""
+    advertise("w-live", [])
+    key = f"{running_job.pk}:1"
+    try:
+        answered(running_job, seconds_ago=LEASE_S)
+        sync_redis().hset(redis_keys.REAPER_SUSPECTS, key, time.time() - 2 * LEASE_S)
+        assert jobs_reap(lease_s=LEASE_S).requeued == []
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.RUNNING, 1)
+        assert sync_redis().hexists(redis_keys.REAPER_SUSPECTS, key)  # still watched
+
+        answered(running_job, seconds_ago=ANSWERED_GRACE_LEASES * LEASE_S + 1)
+        assert jobs_reap(lease_s=LEASE_S).requeued == [str(running_job.pk)]
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
+    finally:
+        sync_redis().delete(redis_keys.job_stream(str(running_job.pk)))
+
+
+def test_an_answered_claim_whose_events_are_behind_is_not_run_twice(running_job: Job) -> None:
+    """Claimed, run and answered while its `running` event is still queued: the claim is not released."""
+    claim = claimed_but_queued(running_job, "w-live")
+    try:
+        advertise("w-live", [])
+        answered(running_job, seconds_ago=0)
+        sync_redis().hset(redis_keys.REAPER_CLAIM_SUSPECTS, f"{running_job.pk}:1", time.time() - LEASE_S - 1)
+        report = jobs_reap(sweep_after_s=0, lease_s=LEASE_S)
+        assert report.requeued == [] and report.republished == []
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 1)
+    finally:
+        sync_redis().delete(claim, redis_keys.REAPER_CLAIM_SUSPECTS, redis_keys.job_stream(str(running_job.pk)))
+
+
+def test_an_earlier_attempts_answer_does_not_vouch_for_a_later_one(running_job: Job) -> None:
+    """Attempt 2 runs (a retry); the stream's `End` is attempt 1's: it says nothing of attempt 2."""
+    job_id = str(running_job.pk)
+    try:
+        answered(running_job, seconds_ago=0, attempt=1)
+        assert job_stream_answered_at(job_id, 1) == pytest.approx(time.time(), abs=2)
+        assert job_stream_answered_at(job_id, 2) is None
+        answered(running_job, seconds_ago=0, attempt=2)
+        assert job_stream_answered_at(job_id, 1) is None
+        assert job_stream_answered_at(job_id, 2) == pytest.approx(time.time(), abs=2)
+        sync_redis().xadd(redis_keys.job_stream(job_id), {stream_format.FIELD: stream_format.encode(Restart(3))})
+        assert job_stream_answered_at(job_id, 3) is None  # started over, not answered yet
+    finally:
+        sync_redis().delete(redis_keys.job_stream(job_id))
