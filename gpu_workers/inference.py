@@ -32,6 +32,12 @@ class InferenceMessage:
     def from_kwargs(cls, kwargs: dict[str, Any]) -> InferenceMessage:
         return cls(**{name: kwargs[name] for name in cls.__dataclass_fields__ if name in kwargs})
 
+    @property
+    def whole_text(self) -> bool:
+        """The client waits for the whole answer (`stream: false`): its text goes out in one delta at the end,
+        not one Redis write (and one API wake-up) per engine step."""
+        return self.stream_tokens and self.request.get("stream") is False
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -118,8 +124,12 @@ async def stream_generation(
     prepared: PreparedRequest,
     deadline: float,
     counted: TokenCount | None = None,
+    whole_text: bool = False,
 ) -> Outcome:
-    """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline."""
+    """Streams the engine's deltas into the job's Redis stream; aborts the engine request at the deadline.
+
+    With `whole_text` the text is written as one delta just before the end. The engine still streams, so the
+    tokens of an attempt that is stopped midway are counted exactly."""
     if attempt > 1:  # readers drop what an earlier attempt streamed
         writer.append(job_id, Restart(attempt))
     parts: list[str] = []
@@ -128,6 +138,7 @@ async def stream_generation(
     prompt_tokens = len(prepared.prompt_token_ids)
     counted = counted or TokenCount()
     counted.prompt_tokens = prompt_tokens
+    live = prepared.stream and not whole_text
     try:
         async with asyncio.timeout(max(0.0, deadline - time.time())):
             async for output in engine.generate(prepared):
@@ -135,7 +146,7 @@ async def stream_generation(
                 counted.completion_tokens = completion_tokens
                 if output.text or output.tokens:
                     parts.append(output.text)
-                    if prepared.stream:
+                    if live:
                         writer.append(job_id, Delta(output.text, output.tokens))
                 if output.finish_reason:
                     finish_reason = output.finish_reason
@@ -149,6 +160,8 @@ async def stream_generation(
             completion_tokens=completion_tokens,
             error={"code": "deadline_exceeded", "message": message},
         )
+    if live != prepared.stream and parts:
+        writer.append(job_id, Delta("".join(parts), completion_tokens))
     end = End(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     writer.append(job_id, end, final=True)
     await writer.flushed()

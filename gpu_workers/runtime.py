@@ -359,6 +359,7 @@ class WorkerRuntime:
             prepared=prepared,
             deadline=message.deadline,
             counted=counted,
+            whole_text=message.whole_text,
         )
 
     @staticmethod

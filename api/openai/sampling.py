@@ -95,7 +95,7 @@ class SamplingRequest(BaseModel):
 
     def sampling_payload(self) -> dict[str, Any]:
         """The sampling part of the job's request, as the worker reads it."""
-        payload: dict[str, Any] = {"max_tokens": self.max_tokens}
+        payload: dict[str, Any] = {"max_tokens": self.max_tokens, "stream": self.stream}
         if self.temperature is not None:
             payload["temperature"] = self.temperature
         if self.top_p is not None:

@@ -17,7 +17,7 @@ from farm import queues, redis_keys, stream_format
 from farm.celery_app import create_celery_app
 from farm.redis_client import sync_redis
 from farm.request_ids import RequestIdFilter
-from farm.stream_format import End
+from farm.stream_format import Delta, End
 from farm.task_messages import task_message
 from gpu_workers.engine import EngineConfig
 from gpu_workers.engine_host import EngineHost
@@ -53,7 +53,15 @@ class Rig:
         self.runtime.host.run(start())
         return self.consumer
 
-    def publish(self, job_id: str, *, attempt: int = 1, max_tokens: int = 4, deadline_in: float = 60.0) -> bytes:
+    def publish(
+        self,
+        job_id: str,
+        *,
+        attempt: int = 1,
+        max_tokens: int = 4,
+        deadline_in: float = 60.0,
+        request: dict[str, Any] | None = None,
+    ) -> bytes:
         raw = task_message(
             task=queues.INFER_TASK.name,
             queue=self.queue,
@@ -62,7 +70,8 @@ class Rig:
                 "attempt": attempt,
                 "spec": SPEC,
                 "kind": "chat.completion",
-                "request": {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": max_tokens},
+                "request": {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": max_tokens}
+                | (request or {}),
                 "deadline": time.time() + deadline_in,
             },
             request_id="req-" + job_id[:8],
@@ -139,6 +148,21 @@ def test_messages_run_to_their_end_and_leave_no_unacked_record(rig: Rig) -> None
     assert sync_redis().zscore(UNACKED_INDEX_KEY, tags[0]) is None
     assert sync_redis().llen(rig.queue) == 0
     sync_redis().delete(*(redis_keys.job_stream(j) for j in jobs), *(redis_keys.job_claim(j, 1) for j in jobs))
+
+
+def test_a_client_that_waits_for_the_whole_answer_gets_it_in_one_delta(rig: Rig) -> None:
+    """`stream: false`: one Redis write (and one API wake-up) for the text, not one per engine step."""
+    rig.engine.token_interval_s = 0.05  # steps far enough apart that the writer flushes them apart
+    whole, live = str(uuid.uuid4()), str(uuid.uuid4())
+    rig.publish(whole, request={"stream": False})
+    rig.publish(live, request={"stream": True})
+    rig.start()
+    rig.wait_outcomes([whole, live])
+    end = End(finish_reason="length", prompt_tokens=3, completion_tokens=4)
+    assert stream_events(whole) == [Delta(" tok" * 4, 4), end]
+    *deltas, last = stream_events(live)
+    assert last == end and len(deltas) > 1 and "".join(d.text for d in deltas) == " tok" * 4
+    sync_redis().delete(*(redis_keys.job_stream(j) for j in (whole, live)))
 
 
 def test_a_running_message_has_kombus_unacked_record(rig: Rig) -> None:
