@@ -2,7 +2,7 @@
 
 Starts (when REDIS_URL is unset) an embedded Valkey server, migrates the database, prepares the demo model, then
 runs the API (uvicorn), the control worker with beat, one CPU worker serving the demo model and Flower, and
-supervises them until Ctrl-C.
+supervises them until Ctrl-C (SIGINT) or SIGTERM, then stops them: workers first, Valkey last.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ class Command(BaseCommand):
         # Workers fetch job inputs and LoRA adapters through the API (gpu_workers/envs.py).
         child_env.setdefault("FARM_API_URL", f"http://{env.FARM_HOST}:{env.FARM_PORT}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Also where SIGINT came in ignored (a script's `runfarm &`), which Python would otherwise keep: `kill -INT`
+        # then stopped nothing.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             if not env.REDIS_URL_IS_SET:
                 self.children.append(
