@@ -221,6 +221,22 @@ def logged_done(farm: BatchFarm, batch_id: str) -> frozenset[str]:
     return frozenset(logged & ids)
 
 
+def log_sizes(farm: BatchFarm) -> dict[str, int]:
+    return {worker: farm.processes.log_path(worker).stat().st_size for worker in farm.workers}
+
+
+def succeeded_since(farm: BatchFarm, sizes: dict[str, int]) -> int:
+    """Job successes the workers logged past `sizes`, counted without the database. Next to a busy engine its
+    answers can lag by many seconds: in one CI run (2026-12-07) a 14 s lag let a whole batch finish before a wait on
+    it saw 60 lines done."""
+    count = 0
+    for worker, size in sizes.items():
+        with farm.processes.log_path(worker).open("rb") as handle:
+            handle.seek(size)
+            count += len(SUCCEEDED_LINE.findall(handle.read().decode(errors="replace")))
+    return count
+
+
 def settled_lines(farm: BatchFarm, batch_id: str) -> tuple[frozenset[str], frozenset[str]] | None:
     """(lines the worker logged as done, lines running) once the database holds every logged outcome and shows a
     line running; None before."""
@@ -351,19 +367,21 @@ def test_a_worker_killed_midway_does_not_rerun_finished_lines(batch_farm: BatchF
     from farm.models import BatchLine, Job, JobEvent
 
     client = batch_farm.client()
+    sizes = log_sizes(batch_farm)  # every line succeeded from here on is this batch's: the earlier tests' have ended
     batch = submit(client, batch_input(200, max_tokens=600, ignore_eos=True))
 
     # The engine is paused before the kill, and the kill waits until the lines stop moving: the worker first drains
     # what the engine made before the pause (its ZMQ queue to the worker is unbounded: the tiny model can be
     # hundreds of tokens ahead, and the lines then in flight end anyway), then starts new lines that cannot finish.
     victim = batch_farm.workers[-1]
-    wait_for(lambda: len(logged_done(batch_farm, batch.id)) >= 60, timeout=300, interval=0.05, what="60 done lines")
+    wait_for(lambda: succeeded_since(batch_farm, sizes) >= 60, timeout=300, interval=0.05, what="60 done lines")
     with batch_farm.processes.engines_paused([victim]):  # resuming the killed one is a no-op
+        at_pause = succeeded_since(batch_farm, sizes)
         wait_quiet(
             lambda: settled_lines(batch_farm, batch.id),
             quiet_s=3.0,
             timeout=120,
-            what="lines stuck in flight on the paused engine",
+            what=f"lines stuck in flight on the paused engine ({at_pause} of 200 lines had succeeded at the pause)",
         )
         batch_farm.processes.kill(victim)
         time.sleep(1.0)  # outcome events the victim sent before dying reach the database

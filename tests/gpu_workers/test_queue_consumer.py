@@ -198,6 +198,7 @@ def test_kombu_restores_a_message_whose_worker_died(rig: Rig) -> None:
     deadline = time.monotonic() + 5
     while not rig.runtime.running_jobs() and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert rig.runtime.running_jobs() == [job_id], "the job did not start within 5 s"
     consumer.pause()  # else it would take the restored copy at once (and its claim would turn it away)
     time.sleep(1.2)
 
@@ -209,9 +210,11 @@ def test_kombu_restores_a_message_whose_worker_died(rig: Rig) -> None:
             connection.default_channel.qos.restore_visible(start=0, num=10_000, interval=1)
 
     restore()  # the farm's visibility timeout (an hour) has not passed: nothing comes back
-    assert sync_redis().llen(rig.queue) == 0
+    assert sync_redis().lrange(rig.queue, 0, -1) == []
     restore(visibility_timeout=0)  # as if the worker had died an hour ago
-    [restored] = sync_redis().lrange(rig.queue, 0, -1)
+    restored_all = sync_redis().lrange(rig.queue, 0, -1)
+    assert len(restored_all) == 1, restored_all
+    [restored] = restored_all
     expected = orjson.loads(raw)
     expected["headers"]["redelivered"] = expected["properties"]["delivery_info"]["redelivered"] = True
     assert orjson.loads(restored) == expected
