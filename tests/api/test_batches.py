@@ -226,9 +226,10 @@ def log_sizes(farm: BatchFarm) -> dict[str, int]:
 
 
 def succeeded_since(farm: BatchFarm, sizes: dict[str, int]) -> int:
-    """Job successes the workers logged past `sizes`, counted without the database. Next to a busy engine its
-    answers can lag by many seconds: in one CI run (2026-12-07) a 14 s lag let a whole batch finish before a wait on
-    it saw 60 lines done."""
+    """Job successes the workers logged past `sizes`, counted without the database. In one CI run (2026-12-07) a
+    wait that also queried the database saw 60 lines done ~14 s after the log showed them (its query or the test
+    process itself was held up next to the busy engine; which, the logs do not say): the whole batch finished
+    first."""
     count = 0
     for worker, size in sizes.items():
         with farm.processes.log_path(worker).open("rb") as handle:
