@@ -11,18 +11,25 @@
 - queued jobs stranded on a spec with no live replica move to a live spec of their model (`farm.failover`);
 - queued jobs whose message the broker lost (a Redis restart without persistence) are published again: they are
   old, unclaimed, and their queue is empty. A duplicate message is harmless: the per-attempt claim lets one run.
+
+One run at a time (a Redis lock): beat sends a run every FARM_REAP_EVERY_S whether or not the last one ended, and
+overlapping runs repeated each other's work, raced on the suspects hashes and held the control worker's threads
+(in CI, with a 1 s period on a loaded host, three ran at once for up to 12.6 s each). A run that finds the lock
+held is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.utils import timezone
 from redis import Redis
+from redis.exceptions import LockError
 
-from farm import jobs, redis_keys
+from farm import jobs, queues, redis_keys
 from farm.failover import job_failover_dispatch, jobs_failover_queued
 from farm.job_streams import job_stream_answered_at
 from farm.models import Job, JobStatus, Worker
@@ -37,10 +44,13 @@ log = logging.getLogger(__name__)
 # reached the database (a control queue running behind). Running it again would answer twice and count its tokens
 # twice, so it is given up on only if that event is still missing this many leases after the answer.
 ANSWERED_GRACE_LEASES = 3
+# The lock outlives a run that dies without releasing it by at most this long (the task's hard time limit).
+LOCK_TTL_S = queues.REAP_TASK.time_limit_s
 
 
 @dataclass
 class ReapReport:
+    skipped: bool = False  # another run held the lock; nothing was looked at
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
@@ -192,9 +202,22 @@ def _sweep_queued(
 
 
 def jobs_reap(*, sweep_after_s: float | None = None, lease_s: float | None = None) -> ReapReport:
-    """One reaper run (beat, every FARM_REAP_EVERY_S): see the module docstring."""
-    report = ReapReport()
+    """One reaper run (beat, every FARM_REAP_EVERY_S), skipped while another holds the lock: see the module
+    docstring."""
     client = sync_redis()
+    lock = client.lock(redis_keys.REAPER_LOCK, timeout=LOCK_TTL_S, blocking=False)
+    if not lock.acquire():
+        log.debug("reaper: another run is in progress; skipped")
+        return ReapReport(skipped=True)
+    try:
+        return _reap(client, sweep_after_s=sweep_after_s, lease_s=lease_s)
+    finally:
+        with contextlib.suppress(LockError):  # held past its TTL: another run may have it now
+            lock.release()
+
+
+def _reap(client: Redis, *, sweep_after_s: float | None, lease_s: float | None) -> ReapReport:
+    report = ReapReport()
     # The clock starts before the registry is read: a sync slowed down by the database (row locks under a busy
     # control queue) must not make a heartbeat read fresh look older than a lease.
     at = timezone.now()

@@ -41,6 +41,8 @@ def job_cancel(job_id: str) -> str:
 REAPER_SUSPECTS = PREFIX + "reaper:suspects"
 # The same for queued jobs whose attempt a live worker claimed but does not run (a claim whose reply was lost).
 REAPER_CLAIM_SUSPECTS = PREFIX + "reaper:claim-suspects"
+# Held while a reaper run is in progress: one run at a time across control workers (`farm.reaper.jobs_reap`).
+REAPER_LOCK = PREFIX + "reaper:lock"
 
 # Pub/sub channel on which cancellations are announced to every worker (payload: job id).
 CANCEL_CHANNEL = PREFIX + "cancel"

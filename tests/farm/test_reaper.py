@@ -32,7 +32,7 @@ LEASE_S = 5.0
 def running_job() -> Iterator[Job]:
     """A job that worker `w-live` reported running a lease ago."""
     client = sync_redis()
-    client.delete(redis_keys.REAPER_SUSPECTS, queues.infer_queue(SPEC))
+    client.delete(redis_keys.REAPER_SUSPECTS, redis_keys.REAPER_LOCK, queues.infer_queue(SPEC))
     owner = get_user_model().objects.create(username="reaper-owner")
     model = model_upsert(name="reaper-test-model")
     spec = spec_upsert(model=model, name=SPEC, engine="vllm-cpu")
@@ -124,6 +124,22 @@ def test_a_silent_worker_loses_its_job(running_job: Job) -> None:
     assert report.requeued == [str(running_job.pk)]
     running_job.refresh_from_db()
     assert (running_job.status, running_job.attempt) == (JobStatus.QUEUED, 2)
+
+
+def test_a_run_while_another_is_in_progress_is_skipped(running_job: Job) -> None:
+    """Beat sends a run every period whether or not the last one ended: runs never overlap."""
+    other_run = sync_redis().lock(redis_keys.REAPER_LOCK, timeout=30, blocking=False)
+    assert other_run.acquire()
+    try:
+        report = jobs_reap(lease_s=LEASE_S)
+        assert report.skipped and report.requeued == []
+        running_job.refresh_from_db()
+        assert (running_job.status, running_job.attempt) == (JobStatus.RUNNING, 1)
+    finally:
+        other_run.release()
+    report = jobs_reap(lease_s=LEASE_S)  # the lock is free: the silent worker's job is requeued
+    assert not report.skipped and report.requeued == [str(running_job.pk)]
+    assert not jobs_reap(lease_s=LEASE_S).skipped  # a run releases the lock when it ends
 
 
 def test_a_silent_worker_backs_its_spec_off_once_however_many_jobs_it_held(running_job: Job) -> None:
