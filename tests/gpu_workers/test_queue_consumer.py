@@ -203,9 +203,15 @@ def test_kombu_restores_a_message_whose_worker_died(rig: Rig) -> None:
     time.sleep(1.2)
 
     def restore(**transport_options: float) -> None:
-        """What any Celery consumer of the broker runs every few seconds (kombu's `QoS.restore_visible`)."""
+        """What any Celery consumer of the broker runs every few seconds (kombu's `QoS.restore_visible`), under a
+        mutex of its own: a consumer that shares this Redis database (the live farm's control worker, in a whole
+        run) holds kombu's `unacked_mutex` now and then, and `restore_visible` then silently restores nothing."""
         app = create_celery_app(broker_url=env.REDIS_URL, main="farm-restore-test")
-        app.conf.broker_transport_options = {**app.conf.broker_transport_options, **transport_options}
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "unacked_mutex_key": f"unacked_mutex-{job_id}",
+            **transport_options,
+        }
         with app.connection_for_read() as connection:
             connection.default_channel.qos.restore_visible(start=0, num=10_000, interval=1)
 
