@@ -138,7 +138,8 @@ async def stream_generation(
     prompt_tokens = len(prepared.prompt_token_ids)
     counted = counted or TokenCount()
     counted.prompt_tokens = prompt_tokens
-    live = prepared.stream and not whole_text
+    whole = prepared.stream and whole_text  # one delta at the end
+    live = prepared.stream and not whole_text  # a delta per engine step
     try:
         async with asyncio.timeout(max(0.0, deadline - time.time())):
             async for output in engine.generate(prepared):
@@ -160,7 +161,7 @@ async def stream_generation(
             completion_tokens=completion_tokens,
             error={"code": "deadline_exceeded", "message": message},
         )
-    if live != prepared.stream and parts:
+    if whole and parts:
         writer.append(job_id, Delta("".join(parts), completion_tokens))
     end = End(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     writer.append(job_id, end, final=True)

@@ -58,6 +58,16 @@ def django_db_setup(django_test_environment, django_db_blocker) -> Iterator[None
         teardown_databases(config, verbosity=0)
 
 
+def tiny_model_entry(model_dir: Path) -> dict:
+    """The tiny model's entry in a models catalogue (`farm.catalog.catalog_load`, `manage.py loadmodels`)."""
+    return {
+        "name": TINY_MODEL,
+        "source": str(model_dir),
+        "engine_args": TINY_ENGINE_ARGS,
+        "specs": [{"name": TINY_SPEC, "engine": "vllm-cpu"}],
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from gpu_workers.model_store import build_tiny_model
@@ -94,12 +104,7 @@ def farm_catalog(django_db_setup, django_db_blocker, tiny_model_dir: Path) -> di
         catalog_load(
             {
                 "models": [
-                    {
-                        "name": TINY_MODEL,
-                        "source": str(tiny_model_dir),
-                        "engine_args": TINY_ENGINE_ARGS,
-                        "specs": [{"name": TINY_SPEC, "engine": "vllm-cpu"}],
-                    },
+                    tiny_model_entry(tiny_model_dir),
                     {
                         "name": UNSERVED_MODEL,
                         "source": str(tiny_model_dir),

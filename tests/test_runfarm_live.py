@@ -21,22 +21,11 @@ import openai
 import psutil
 import yaml
 
-from tests.conftest import ROOT, TINY_ENGINE_ARGS, TINY_MODEL, TINY_SPEC
+from tests.conftest import ROOT, TINY_MODEL, TINY_SPEC, tiny_model_entry
 from tests.services import free_port
 
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
-
-
-def _models_file(path: Path, model_dir: Path) -> Path:
-    model = {
-        "name": TINY_MODEL,
-        "source": str(model_dir),
-        "engine_args": TINY_ENGINE_ARGS,
-        "specs": [{"name": TINY_SPEC, "engine": "vllm-cpu"}],
-    }
-    path.write_text(yaml.safe_dump({"models": [model]}))
-    return path
 
 
 def _wait_for_banner(farm: subprocess.Popen, output: Path) -> str:
@@ -62,7 +51,8 @@ def test_runfarm_serves_on_embedded_defaults_and_stops_on_sigint(tmp_path: Path,
     environ |= {name: str(port) for name, port in ports.items()}
     environ |= {"FARM_HOME": str(tmp_path / "home"), "FARM_MODEL_DIR": str(tiny_model_dir.parent)}
     output = tmp_path / "runfarm.out"
-    models = _models_file(tmp_path / "models.yaml", tiny_model_dir)
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"models": [tiny_model_entry(tiny_model_dir)]}))
     command = [sys.executable, "manage.py", "runfarm", "--models", str(models), "--worker-spec", TINY_SPEC]
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `&` in a script does; the child inherits it
     try:

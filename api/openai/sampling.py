@@ -94,7 +94,8 @@ class SamplingRequest(BaseModel):
         return value
 
     def sampling_payload(self) -> dict[str, Any]:
-        """The sampling part of the job's request, as the worker reads it."""
+        """The sampling part of the job's request, as the worker reads it, and whether the client streams (the
+        worker then writes the text as it comes, else in one piece: `InferenceMessage.whole_text`)."""
         payload: dict[str, Any] = {"max_tokens": self.max_tokens, "stream": self.stream}
         if self.temperature is not None:
             payload["temperature"] = self.temperature
