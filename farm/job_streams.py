@@ -22,7 +22,9 @@ GRACE_S = 2.0
 LOST_STREAM_CHECK_S = 5.0
 # A reader joins its process' stream hub when at least this many streams are being read there (itself included);
 # with fewer, it reads its stream by itself: a shared read saves little when few streams get tokens at once, and the
-# hub's wake-ups cost a round trip (BENCHMARKS.md, 2026-12-02, night).
+# hub's wake-ups cost a round trip (BENCHMARKS.md, 2026-12-02, night). A reader that began alone joins the hub as
+# soon as that many are open: in a closed loop whole waves of requests end together, and the first readers of the
+# next wave would otherwise make an XREAD of their own for every token of their answers.
 HUB_MIN_READERS = 16
 
 
@@ -30,7 +32,7 @@ async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[l
     """The job's stream as it arrives, one non-empty list per read: deltas (and `Restart`s of retried attempts),
     ending with its `End` or `Failure`; a 504 `Failure` if nothing ends it in time. A reader that writes what it
     reads (SSE) sends each list in one write: under load a read returns many tokens at once. The process' stream hub
-    reads it when many streams are open (`farm.stream_hub`: one XREAD for all of a process' readers)."""
+    reads it while many streams are open (`farm.stream_hub`: one XREAD for all of a process' readers)."""
     client = async_redis()
     key = redis_keys.job_stream(job_id)
     hub = stream_hub(client)
@@ -49,6 +51,8 @@ async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[l
                     )
                 ]
                 return
+            if isinstance(subscription, OwnReads) and hub.readers >= HUB_MIN_READERS:
+                subscription = hub.subscribe(key, after=subscription.last_id) or subscription
             entries = await subscription.read(min(remaining, max(0.0, check_at - now)))
             if entries:
                 check_at = time.time() + LOST_STREAM_CHECK_S
@@ -79,7 +83,8 @@ class OwnReads:
     reads for another."""
 
     def __init__(self, client: aioredis.Redis, key: str) -> None:
-        self.client, self.key, self.last_id = client, key, "0-0"
+        self.client, self.key = client, key
+        self.last_id: bytes | str = "0-0"
 
     async def read(self, wait_s: float) -> list[Entry]:
         block_ms = max(1, int(min(wait_s, BLOCK_S) * 1000))

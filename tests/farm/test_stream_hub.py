@@ -175,3 +175,52 @@ def test_few_open_streams_read_by_themselves(monkeypatch) -> None:
     assert results == [[End("stop", 1, 0)]] * 4
     assert max(subscribed) == 2  # the 3rd and 4th readers joined the hub; the first two read by themselves
     assert hub.readers == 0
+
+
+def test_a_reader_that_began_alone_joins_the_hub_once_streams_crowd(monkeypatch) -> None:
+    """A closed loop's waves end together, so the next wave's first readers start alone; they move onto the hub
+    when enough streams are open, mid-answer, without losing or repeating an entry."""
+    monkeypatch.setattr(job_streams, "LOST_STREAM_CHECK_S", 60)
+    monkeypatch.setattr(job_streams, "HUB_MIN_READERS", 3)
+    first, *others = job_ids = [uuid.uuid4().hex for _ in range(3)]
+
+    async def main() -> tuple[list[list], list[bool]]:
+        client = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+        hub = stream_hub.stream_hub(job_streams.async_redis())
+        on_hub: list[bool] = []  # per event of the first reader: was its stream read by the hub then
+
+        async def reader(job_id: str) -> list:
+            events = []
+            async for event in job_stream_events(job_id, deadline=time.time() + 10):
+                if job_id == first:
+                    on_hub.append(redis_keys.job_stream(job_id).encode() in hub._subscriptions)
+                events.append(event)
+            return events
+
+        async def writer() -> None:
+            await asyncio.sleep(0.1)
+            await _add(client, redis_keys.job_stream(first), "a")  # read by its own XREAD: it is alone
+            await asyncio.sleep(0.1)
+            tasks = [asyncio.create_task(reader(job_id)) for job_id in others]  # now three streams are open
+            await asyncio.sleep(0.1)
+            for text in ("b", "c"):
+                await _add(client, redis_keys.job_stream(first), text)
+                await asyncio.sleep(0.05)
+            for job_id in job_ids:
+                await client.xadd(
+                    redis_keys.job_stream(job_id), {stream_format.FIELD: stream_format.encode(End("stop", 1, 3))}
+                )
+            return await asyncio.gather(*tasks)
+
+        try:
+            alone, crowd = await asyncio.gather(reader(first), writer())
+            return [alone, *crowd], on_hub
+        finally:
+            await client.delete(*(redis_keys.job_stream(job_id) for job_id in job_ids))
+            await client.aclose()
+
+    results, on_hub = asyncio.run(main())
+    assert results[0] == [Delta("a", 1), Delta("b", 1), Delta("c", 1), End("stop", 1, 3)]
+    assert results[1:] == [[End("stop", 1, 3)]] * 2
+    # "b" ends the XREAD the reader was blocked in when the others came; from its next read on, the hub reads it.
+    assert on_hub == [False, False, True, True]
