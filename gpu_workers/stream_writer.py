@@ -1,10 +1,16 @@
-"""Batches token-stream writes to Redis: one pipelined round trip per engine step for all running requests.
+"""Batches token-stream writes to Redis: one command per engine step for all running requests.
 
 Each request's deltas arrive once per engine step; writing them one XADD at a time costs a round trip and an
 event-loop hop each, on the same thread (and GIL) as vLLM's output handler. Here they are queued and a single
-flusher sends everything pending in one pipeline, preserving each stream's order. A request's deltas that pile up
-while a flush is in flight (the writer is behind the engine) go out as one entry: its reader then decodes and
-forwards one event instead of many, so a busy farm spends less per token exactly when it has the least to spare.
+flusher sends everything pending at once, preserving each stream's order. A request's deltas that pile up while a
+flush is in flight (the writer is behind the engine) go out as one entry: its reader then decodes and forwards one
+event instead of many, so a busy farm spends less per token exactly when it has the least to spare.
+
+The flush is one call of a small Lua script (`APPEND_SCRIPT`) that does the XADDs (and a finished stream's EXPIRE)
+on the server, rather than a pipeline of one XADD per entry: redis-py packs, sends and parses each command of a
+pipeline in Python, ~13 us per entry on the 2-core dev VM against ~4 us for the script's arguments; Valkey spends
+~0.3 us more per entry running the script (BENCHMARKS.md, 2026-12-07 night). The farm's Redis is never a cluster
+(kombu's transport needs one server), so one script may write many streams.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ from farm import redis_keys, stream_format
 from farm.stream_format import Delta, StreamEvent
 
 log = logging.getLogger(__name__)
+
+# KEYS: the streams, in write order (a stream may repeat). ARGV[1]: the TTL of a finished stream; then per key its
+# entry's `m` field and "1" when it is the stream's last entry (then the stream expires), else "0".
+APPEND_SCRIPT = f"""
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('XADD', key, '*', '{stream_format.FIELD}', ARGV[2 * i])
+  if ARGV[2 * i + 1] == '1' then redis.call('EXPIRE', key, ttl) end
+end
+return #KEYS
+"""
 
 
 def merge_deltas(pending: list[tuple[str, StreamEvent, bool]]) -> list[tuple[str, StreamEvent, bool]]:
@@ -46,6 +63,7 @@ class StreamWriter:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
+        self._append = client.register_script(APPEND_SCRIPT)  # EVALSHA; loads it again after a Redis restart
         self._pending: list[tuple[str, StreamEvent, bool]] = []  # (stream key, event, expire after write)
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -83,12 +101,12 @@ class StreamWriter:
             waiters, self._waiters = self._waiters, []
             try:
                 if batch:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for key, event, final in merge_deltas(batch):
-                            pipe.xadd(key, {stream_format.FIELD: stream_format.encode(event)})
-                            if final:
-                                pipe.expire(key, redis_keys.STREAM_TTL_S)
-                        await pipe.execute()
+                    keys: list[str] = []
+                    args: list[bytes | int] = [redis_keys.STREAM_TTL_S]
+                    for key, event, final in merge_deltas(batch):
+                        keys.append(key)
+                        args += (stream_format.encode(event), 1 if final else 0)
+                    await self._append(keys=keys, args=args)
             except Exception as exc:  # Redis down: fail the waiters (their jobs retry); keep serving others
                 log.warning("token stream write of %d entries failed: %s", len(batch), exc)
                 for waiter in waiters:

@@ -93,6 +93,38 @@ def test_a_stream_written_while_a_flush_is_in_flight_arrives_whole_and_in_order(
         assert events[-1] == END
 
 
+def test_a_redis_that_lost_the_append_script_gets_it_again() -> None:
+    """A restarted Redis has no scripts: the next flush loads the writer's script again and writes. A stream expires
+    only once its last entry is written."""
+
+    async def scenario() -> tuple[list[stream_format.StreamEvent], int, int]:
+        client = aioredis_connect(env.REDIS_URL)
+        writer = StreamWriter(client)
+        key = redis_keys.job_stream(job := f"writer-test-{uuid.uuid4()}")
+        writer.append(job, Delta("a", 1))
+        await writer.flushed()
+        ttl_running = await client.ttl(key)
+        await client.script_flush()  # what a restart without persistence of scripts leaves
+        writer.append(job, Delta("b", 1))
+        writer.append(job, END, final=True)
+        await writer.flushed()
+        entries = await client.xrange(key)
+        ttl_ended = await client.ttl(key)
+        await client.delete(key)
+        await writer.aclose()
+        await client.aclose()
+        return (
+            [stream_format.decode(fields[stream_format.FIELD.encode()]) for _id, fields in entries],
+            ttl_running,
+            ttl_ended,
+        )
+
+    events, ttl_running, ttl_ended = asyncio.run(scenario())
+    assert events == [Delta("a", 1), Delta("b", 1), END]
+    assert ttl_running == -1  # no expiry while the job runs
+    assert 0 < ttl_ended <= redis_keys.STREAM_TTL_S
+
+
 def test_engine_host_close_ends_the_writer_task() -> None:
     """A flusher left pending when the engine loop stopped was reported at exit ("Task was destroyed but it is
     pending!", at the end of every CI run): closing the host ends it first, after what was flushed reached Redis."""
