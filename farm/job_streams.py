@@ -37,7 +37,7 @@ async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[l
     key = redis_keys.job_stream(job_id)
     hub = stream_hub(client)
     hub.readers += 1
-    subscription = (hub.subscribe(key) if hub.readers >= HUB_MIN_READERS else None) or OwnReads(client, key)
+    subscription: Subscription | OwnReads = OwnReads(client, key)  # onto the hub at its first read when crowded
     try:
         sent = ""  # text of the current attempt read so far
         check_at = time.time() + LOST_STREAM_CHECK_S
@@ -83,8 +83,7 @@ class OwnReads:
     reads for another."""
 
     def __init__(self, client: aioredis.Redis, key: str) -> None:
-        self.client, self.key = client, key
-        self.last_id: bytes | str = "0-0"
+        self.client, self.key, self.last_id = client, key, b"0-0"
 
     async def read(self, wait_s: float) -> list[Entry]:
         block_ms = max(1, int(min(wait_s, BLOCK_S) * 1000))

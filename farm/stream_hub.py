@@ -42,9 +42,9 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 class Subscription:
     """One reader's view of one stream: the entries the hub read for it, in order."""
 
-    def __init__(self, key: str, after: bytes | str = b"0-0") -> None:
+    def __init__(self, key: str, after: bytes = b"0-0") -> None:
         self.key = key.encode()
-        self.last_id = after if isinstance(after, bytes) else after.encode()
+        self.last_id = after
         self._entries: list[Entry] = []
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -90,7 +90,7 @@ class StreamHub:
         self.reads = 0  # XREADs made (tests, benchmarks)
         self.readers = 0  # streams being read on this loop, by the hub or by themselves (`farm.job_streams`)
 
-    def subscribe(self, key: str, after: bytes | str = b"0-0") -> Subscription | None:
+    def subscribe(self, key: str, after: bytes = b"0-0") -> Subscription | None:
         """A subscription to the stream `key`, read from the entry after `after` (from its start by default); None if
         this hub already reads it for another reader (that one reads it by itself)."""
         if key.encode() in self._subscriptions:
