@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -18,7 +18,8 @@ _FIELD = stream_format.FIELD.encode()
 # Extra seconds the reader waits past the deadline: the worker reports its own timeout first.
 GRACE_S = 2.0
 # A reader that has heard nothing for this long checks that the job's stream still exists. A Redis restart can lose
-# it (with the outcome in it) after the job ended; the job's database row then tells how it ended.
+# it (with the outcome in it) after the job ended; the job's database row then tells how it ended. A stream exists
+# from the job's intake on (`job_streams_open`), so only a lost one costs a database read.
 LOST_STREAM_CHECK_S = 5.0
 # A reader joins its process' stream hub when at least this many streams are being read there (itself included);
 # with fewer, it reads its stream by itself: a shared read saves little when few streams get tokens at once, and the
@@ -157,6 +158,22 @@ async def job_collect(job_id: str, *, deadline: float) -> tuple[str, End | Failu
         else:
             return "".join(parts), event
     raise AssertionError("job stream ended without a final event")  # job_stream_events always ends with one
+
+
+def job_streams_open(jobs: Sequence[tuple[str, float]]) -> None:
+    """Creates the streams of new jobs, given as (job id, deadline in epoch seconds), in one round trip. Each starts
+    with `Restart(1)` (attempt 1 begins: readers skip it) and lives until STREAM_TTL_S past its job's deadline; the
+    job's last entry sets its final TTL. While its job waits in a queue the stream is there, so a reader that finds no
+    stream knows Redis lost it: before, each reader of a job queued for longer than LOST_STREAM_CHECK_S read the
+    job's row every LOST_STREAM_CHECK_S (at concurrency 64 on the demo model, ~1.6 reads per request)."""
+    first = {stream_format.FIELD: stream_format.encode(Restart(attempt=1))}
+    now = time.time()
+    with sync_redis().pipeline(transaction=False) as pipe:
+        for job_id, deadline in jobs:
+            key = redis_keys.job_stream(job_id)
+            pipe.xadd(key, first)
+            pipe.expire(key, int(max(0.0, deadline - now)) + redis_keys.STREAM_TTL_S)
+        pipe.execute()
 
 
 def job_stream_append(job_id: str, event: StreamEvent) -> None:

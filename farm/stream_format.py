@@ -4,7 +4,8 @@ Each entry has one field `m` holding compact JSON:
 - `{"t": "d", "x": "<text delta>", "n": <tokens in delta>}`: generated text;
 - `{"t": "e", "f": "<finish_reason>", "u": [<prompt tokens>, <completion tokens>]}`: the end;
 - `{"t": "x", "s": <http status>, "y": "<error type>", "c": "<code>", "m": "<message>"}`: a failure;
-- `{"t": "r", "a": <attempt>}`: a retry started over: readers drop what they collected of earlier attempts.
+- `{"t": "r", "a": <attempt>}`: an attempt begins: readers drop what they collected of earlier attempts. Attempt 1's
+  is the stream's first entry, written when the job is accepted (`farm.job_streams.job_streams_open`).
 """
 
 from __future__ import annotations

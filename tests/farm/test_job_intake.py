@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import pytest
 from django.contrib.auth import get_user_model
 
-from farm import job_intake, queues
+from farm import job_intake, job_streams, queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import FarmError
 from farm.job_intake import NewJob
 from farm.models import Job, JobStatus
 from farm.redis_client import sync_redis
+from farm.stream_format import Failure, Restart
 
 pytestmark = pytest.mark.django_db(transaction=True)  # rows are written on the API's own database threads
 
@@ -114,3 +115,29 @@ def test_a_row_the_database_refuses_fails_only_its_own_request(new_job: NewJob, 
     assert all(isinstance(job_id, str) for job_id in outcomes)
     assert Job.objects.filter(pk__in=outcomes, status=JobStatus.QUEUED).count() == 4
     assert set(queued_messages()) == set(outcomes)  # the refused job has no message
+
+
+def test_a_queued_jobs_stream_is_there_so_its_reader_never_reads_the_row(new_job: NewJob, monkeypatch) -> None:
+    """The stream opens at intake, with the job's lifetime (deadline + STREAM_TTL_S): a reader that hears nothing
+    while the job waits finds it and leaves the database alone (it used to read the row at every check)."""
+    monkeypatch.setattr(job_streams, "LOST_STREAM_CHECK_S", 0.1)
+    row_reads: list[str] = []
+    read_row = job_streams.job_row_outcome
+    monkeypatch.setattr(job_streams, "job_row_outcome", lambda job_id: row_reads.append(job_id) or read_row(job_id))
+    [job_id] = submit_all([NewJob(**{**new_job.__dict__, "deadline": time.time() + 1.0})])
+    key = redis_keys.job_stream(job_id)
+    [(_entry_id, fields)] = sync_redis().xrange(key)
+    assert stream_format.decode(fields[stream_format.FIELD.encode()]) == Restart(attempt=1)
+    assert redis_keys.STREAM_TTL_S - 5 <= sync_redis().ttl(key) <= redis_keys.STREAM_TTL_S + 1
+
+    async def read() -> list:
+        return [event async for event in job_streams.job_stream_events(job_id, deadline=time.time() + 1.0)]
+
+    events = asyncio.run(read())
+
+    assert events[0] == Restart(attempt=1)  # skipped by every reader
+    assert [type(event) for event in events[1:]] == [Failure] and events[1].status == 504  # nobody served it in time
+    assert row_reads == []
+    sync_redis().delete(key)  # lost (a Redis restart): the next reader asks the database, which says "still queued"
+    events = asyncio.run(read())
+    assert [type(event) for event in events] == [Failure] and events[0].status == 504 and len(row_reads) >= 5

@@ -109,12 +109,17 @@ class FaultFarm:
         return redis.Redis.from_url(self.redis_url, socket_timeout=15)
 
     def generating(self, job_id: str) -> bool:
-        """Whether the job's first tokens are in its Redis stream. A Valkey that does not answer fails the scenario
-        with what its process and log say (a CI run once saw it silent for 20 s)."""
+        """Whether the job's first tokens are in its Redis stream (which opens at intake with its attempt's start). A
+        Valkey that does not answer fails the scenario with what its process and log say (a CI run once saw it silent
+        for 20 s)."""
+        from farm import stream_format
+
         try:
-            return self.redis.xlen(redis_keys.job_stream(job_id)) > 0
+            entries = self.redis.xrange(redis_keys.job_stream(job_id), count=8)
         except redis.RedisError as exc:
-            raise AssertionError(f"Valkey did not answer XLEN ({exc}): {self.valkey_state()}") from exc
+            raise AssertionError(f"Valkey did not answer XRANGE ({exc}): {self.valkey_state()}") from exc
+        field = stream_format.FIELD.encode()
+        return any(isinstance(stream_format.decode(fields[field]), stream_format.Delta) for _, fields in entries)
 
     def stream_ended(self, job_id: str) -> bool:
         """Whether the job's Redis stream holds its final event (its worker answered, whatever the row says yet)."""
