@@ -213,7 +213,8 @@ def batch_lines_ended(*, batch_ids: Iterable[Any]) -> None:
 
 
 def batches_sweep() -> int:
-    """Beat: kicks every active batch (safety net for lost kicks, expiry, and lines waiting for a worker)."""
+    """The reap task (every FARM_REAP_EVERY_S): kicks every active batch (safety net for lost kicks, expiry, and lines
+    waiting for a worker)."""
     ids = list(Batch.objects.filter(status__in=BATCH_ACTIVE_STATUSES).values_list("id", flat=True))
     for batch_id in ids:
         batch_kick(batch_id=batch_id)

@@ -60,10 +60,9 @@ EXPIRE_TASK = TaskPolicy("farm.control.expire_jobs", soft_time_limit_s=240, time
 # group) at the job's deadline, capped by `time_limit_s`; Celery's own limits need the prefork pool, which training
 # workers do not use. Retries are the job's attempts (farm.jobs), not Celery's.
 TRAIN_TASK = TaskPolicy("farm.train.run", soft_time_limit_s=None, time_limit_s=7 * 24 * 3600.0, max_retries=0)
-# Advances one batch (validate, top up its in-flight window, collect outcomes, finalize); sweep kicks every active one.
+# Advances one batch (validate, top up its in-flight window, collect outcomes, finalize); the reap kicks every active
+# one (FARM_REAP_EVERY_S): lost kicks, expiry, lines waiting for a worker.
 BATCH_TICK_TASK = TaskPolicy("farm.control.batch_tick", soft_time_limit_s=540, time_limit_s=600, max_retries=3)
-BATCH_SWEEP_TASK = TaskPolicy("farm.control.batch_sweep", soft_time_limit_s=20, time_limit_s=30, max_retries=0)
-BATCH_SWEEP_EVERY_S = 5.0
 
 # Tasks the control worker consumes: they always go to the control queue.
 # Fills the shared model directory ahead of demand (copy, GGUF conversion, hub download): `farm.model_cache`.
@@ -77,7 +76,6 @@ CONTROL_TASKS = (
     REAP_TASK,
     EXPIRE_TASK,
     BATCH_TICK_TASK,
-    BATCH_SWEEP_TASK,
     MODEL_CACHE_TASK,
 )
 
@@ -87,7 +85,6 @@ def beat_schedule(*, reap_every_s: float) -> dict[str, tuple[str, float]]:
     return {
         "reap-and-sweep": (REAP_TASK.name, reap_every_s),
         "expire-finished-jobs": (EXPIRE_TASK.name, 3600.0),
-        "sweep-batches": (BATCH_SWEEP_TASK.name, BATCH_SWEEP_EVERY_S),
     }
 
 

@@ -63,12 +63,15 @@ def job_events(*, events: list[dict[str, Any]]) -> None:
     time_limit=queues.REAP_TASK.time_limit_s,
 )
 def reap() -> None:
-    """Periodic: requeue jobs of silent workers, time out expired ones, republish lost ones, refresh the catalogue."""
+    """Periodic: requeue jobs of silent workers, time out expired ones, republish lost ones, refresh the catalogue,
+    kick every active batch (lost kicks, expiry, lines waiting for a worker)."""
+    from farm.batches import batches_sweep
     from farm.catalog import spec_catalog_publish
     from farm.reaper import jobs_reap
 
     jobs_reap()
     spec_catalog_publish()
+    batches_sweep()
 
 
 @shared_task(
@@ -103,19 +106,6 @@ def batch_tick(*, batch_id: str) -> None:
     from farm.batches import batch_advance
 
     batch_advance(batch_id=batch_id, line_job=batch_line_job, shape_body=batch_response_body)
-
-
-@shared_task(
-    name=queues.BATCH_SWEEP_TASK.name,
-    ignore_result=True,
-    soft_time_limit=queues.BATCH_SWEEP_TASK.soft_time_limit_s,
-    time_limit=queues.BATCH_SWEEP_TASK.time_limit_s,
-)
-def batch_sweep() -> None:
-    """Periodic: a tick for every active batch (lost kicks, expiry, lines waiting for a worker)."""
-    from farm.batches import batches_sweep
-
-    batches_sweep()
 
 
 @shared_task(

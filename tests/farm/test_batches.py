@@ -420,3 +420,18 @@ def test_admin_lists_files_and_batches_read_only(admin_client, owner, live_spec)
         assert response.status_code == 200, path
     assert batch.pk.encode() in admin_client.get("/admin/farm/batch/").content
     assert admin_client.get("/admin/farm/batch/add/").status_code == 403
+
+
+def test_the_periodic_reap_kicks_every_active_batch(owner) -> None:
+    """The safety net for lost kicks, expiry and lines waiting for a worker runs with the reaper (FARM_REAP_EVERY_S)."""
+    from tasks.control import reap
+
+    active, done = make_batch(owner, lines(1)), make_batch(owner, lines(1))
+    Batch.objects.filter(pk=done.pk).update(status=BatchStatus.COMPLETED)
+    client = sync_redis()
+    client.delete(*(redis_keys.batch_tick_pending(str(batch.pk)) for batch in (active, done)))
+
+    reap()
+
+    assert client.exists(redis_keys.batch_tick_pending(str(active.pk)))  # a tick is on its way
+    assert not client.exists(redis_keys.batch_tick_pending(str(done.pk)))
