@@ -2,10 +2,10 @@
 
 Each job used to cost the API a thread hop, an INSERT with its own commit and a publish round trip. Here the jobs a
 process accepts while its previous write is in flight wait for it and then go together: one hop to `farm.db`'s pool,
-one multi-row INSERT (one commit), one round trip to Redis that opens the jobs' streams (`farm.job_streams`), one
-to the broker. A quiet farm's job goes at once, alone, so nothing waits that did not before; a busy one writes in
-groups as large as its load (PostgreSQL: ~100 us of server CPU per single-row INSERT, ~15 us per row in groups of 8;
-BENCHMARKS.md, 2026-12-02 evening).
+one multi-row INSERT (one commit), one round trip to Redis that opens the jobs' streams (`farm.job_streams`) and
+publishes their messages. A quiet farm's job goes at once, alone, so nothing waits that did not before; a busy one
+writes in groups as large as its load (PostgreSQL: ~100 us of server CPU per single-row INSERT, ~15 us per row in
+groups of 8; BENCHMARKS.md, 2026-12-02 evening).
 
 A row that the database refuses (a data error, not a lost connection) fails its group; the group is then written one
 job at a time, so only that request fails. A broker that stays down fails the group's jobs (`broker_unavailable`,
@@ -29,7 +29,6 @@ from farm import jobs
 from farm.db import run_db
 from farm.dispatch import InferenceTask, inference_adapter, inference_publish_now
 from farm.errors import FarmError, Unavailable
-from farm.job_streams import job_streams_open
 from farm.models import JobStatus
 from farm.request_ids import request_id_bound
 
@@ -96,8 +95,7 @@ def jobs_create_and_publish(new: Sequence[NewJob]) -> list[str | FarmError]:
             log.info("job %s queued on %s for key %s", job_id, job.spec_name, job.key_prefix)
     tasks = [_task(str(job_id), job) for job_id, job in zip(ids, new, strict=True)]
     try:
-        job_streams_open([(task.job_id, task.deadline) for task in tasks])
-        inference_publish_now(tasks)
+        inference_publish_now(tasks, open_streams=True)
     except Exception as exc:  # broker down: the clients are told, and the rows do not stay queued
         return [_publish_failed(task, exc) for task in tasks]
     return [str(job_id) for job_id in ids]

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import redis.asyncio as aioredis
+from redis.client import Pipeline
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from farm import redis_keys, stream_format
@@ -160,19 +161,22 @@ async def job_collect(job_id: str, *, deadline: float) -> tuple[str, End | Failu
     raise AssertionError("job stream ended without a final event")  # job_stream_events always ends with one
 
 
-def job_streams_open(jobs: Sequence[tuple[str, float]]) -> None:
-    """Creates the streams of new jobs, given as (job id, deadline in epoch seconds), in one round trip. Each starts
-    with `Restart(1)` (attempt 1 begins: readers skip it) and lives until STREAM_TTL_S past its job's deadline; the
-    job's last entry sets its final TTL. While its job waits in a queue the stream is there, so a reader that finds no
+def job_streams_open(jobs: Sequence[tuple[str, float]], *, pipe: Pipeline | None = None) -> None:
+    """Creates the streams of new jobs, given as (job id, deadline in epoch seconds), in one round trip; with `pipe`,
+    in that pipeline's (`farm.dispatch` sends them with the jobs' messages, and before them). Each starts with
+    `Restart(1)` (attempt 1 begins: readers skip it) and lives until STREAM_TTL_S past its job's deadline; the job's
+    last entry sets its final TTL. While its job waits in a queue the stream is there, so a reader that finds no
     stream knows Redis lost it: before, each reader of a job queued for longer than LOST_STREAM_CHECK_S read the
     job's row every LOST_STREAM_CHECK_S (at concurrency 64 on the demo model, 285 reads in 192 requests)."""
     now = time.time()
-    _append(
-        [
-            (job_id, Restart(attempt=1), int(max(0.0, deadline - now)) + redis_keys.STREAM_TTL_S)
-            for job_id, deadline in jobs
-        ]
-    )
+    writes = [
+        (job_id, Restart(attempt=1), int(max(0.0, deadline - now)) + redis_keys.STREAM_TTL_S)
+        for job_id, deadline in jobs
+    ]
+    if pipe is None:
+        _append(writes)
+    else:
+        _queue_appends(pipe, writes)
 
 
 def job_stream_append(job_id: str, event: StreamEvent) -> None:
@@ -183,11 +187,15 @@ def job_stream_append(job_id: str, event: StreamEvent) -> None:
 def _append(writes: Sequence[tuple[str, StreamEvent, int]]) -> None:
     """(job id, event, the stream's TTL in seconds afterwards) for each write, in one round trip."""
     with sync_redis().pipeline(transaction=False) as pipe:
-        for job_id, event, ttl_s in writes:
-            key = redis_keys.job_stream(job_id)
-            pipe.xadd(key, {stream_format.FIELD: stream_format.encode(event)})
-            pipe.expire(key, ttl_s)
+        _queue_appends(pipe, writes)
         pipe.execute()
+
+
+def _queue_appends(pipe: Pipeline, writes: Sequence[tuple[str, StreamEvent, int]]) -> None:
+    for job_id, event, ttl_s in writes:
+        key = redis_keys.job_stream(job_id)
+        pipe.xadd(key, {stream_format.FIELD: stream_format.encode(event)})
+        pipe.expire(key, ttl_s)
 
 
 def job_stream_outcome(job_id: str) -> End | Failure | None:

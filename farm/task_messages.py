@@ -14,11 +14,14 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from farm.request_ids import CELERY_HEADER, current_request_id
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 # Celery's `embed` part of a protocol-2 body, for a task with no callbacks or chords.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -84,20 +87,25 @@ def task_message(
     )
 
 
-def task_push_many(messages: Sequence[tuple[str, bytes]]) -> None:
+def task_push_many(messages: Sequence[tuple[str, bytes]], *, pipe: Pipeline | None = None) -> None:
     """Publishes (queue, message) pairs on the Redis broker in one round trip: one LPUSH per queue, in the given
-    order (kombu's Redis transport: a queue is a list, consumed from its tail, priority 0). A broker that is down is
-    retried for about 5 s (`farm.redis_client`), then the error is raised."""
+    order (kombu's Redis transport: a queue is a list, consumed from its tail, priority 0); with `pipe`, in that
+    pipeline's round trip, after what it already holds. A broker that is down is retried for about 5 s
+    (`farm.redis_client`), then the error is raised."""
     from farm.redis_client import sync_redis
 
     by_queue: dict[str, list[bytes]] = {}
     for queue, message in messages:
         by_queue.setdefault(queue, []).append(message)
+    if pipe is not None:
+        for queue, values in by_queue.items():
+            pipe.lpush(queue, *values)
+        return
     if len(by_queue) == 1:
         [(queue, values)] = by_queue.items()
         sync_redis().lpush(queue, *values)
         return
-    with sync_redis().pipeline(transaction=False) as pipe:
+    with sync_redis().pipeline(transaction=False) as own:
         for queue, values in by_queue.items():
-            pipe.lpush(queue, *values)
-        pipe.execute()
+            own.lpush(queue, *values)
+        own.execute()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.contrib.auth import get_user_model
+from redis.connection import Connection
 
 from farm import job_intake, job_streams, queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
@@ -141,3 +142,26 @@ def test_a_queued_jobs_stream_is_there_so_its_reader_never_reads_the_row(new_job
     sync_redis().delete(key)  # lost (a Redis restart): the next reader asks the database, which says "still queued"
     events = asyncio.run(read())
     assert [type(event) for event in events] == [Failure] and events[0].status == 504 and len(row_reads) >= 5
+
+
+def test_a_groups_streams_open_before_its_messages_in_the_same_round_trip(new_job: NewJob, monkeypatch) -> None:
+    """The streams' opening entries and the messages leave in one write to Redis, the entries first: a worker that
+    takes a message at once finds its job's stream there, and its first delta comes after the opening entry."""
+    sent: list[bytes] = []
+    send = Connection.send_packed_command
+
+    def recorded(self: Connection, command: object, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list | tuple) else bytes(command))
+        return send(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", recorded)
+    ids = job_intake.jobs_create_and_publish([new_job, NewJob(**{**new_job.__dict__, "request": {"n": 2}})])
+    monkeypatch.undo()
+
+    [write] = sent
+    assert write.count(b"XADD") == 2 and write.count(b"LPUSH") == 1
+    assert write.rindex(b"XADD") < write.index(b"LPUSH")
+    assert set(queued_messages()) == set(ids)
+    for job_id in ids:
+        [(_entry_id, fields)] = sync_redis().xrange(redis_keys.job_stream(job_id))
+        assert stream_format.decode(fields[stream_format.FIELD.encode()]) == Restart(attempt=1)
