@@ -8,8 +8,10 @@ from typing import Any
 
 from django.db import connections, models
 
-# Up to this many rows a PostgreSQL row source is a VALUES list; past it, one array per column (`rows_query`).
-VALUES_MAX_ROWS = 8
+# Up to this many parameters a PostgreSQL row source is a VALUES list; past it, one array per column (`rows_query`).
+# psycopg parses a statement's text once and caches it while it has at most this many parameters
+# (`psycopg._queries.MAX_CACHED_STATEMENT_PARAMS`); a longer VALUES list is parsed again at every execution.
+VALUES_MAX_PARAMS = 50
 
 
 def rows_query(
@@ -18,18 +20,19 @@ def rows_query(
     """`rows` (database-ready values of `fields`, in that order, at least one) as a query with one column per field,
     and its parameters: for `INSERT ... <query>` or `WITH v (...) AS (<query>)`.
 
-    On PostgreSQL up to `VALUES_MAX_ROWS` rows it is `VALUES (...), (...)` with the first row cast to the columns'
-    types (a VALUES column is typed by its rows, where a NULL or a string is text). Past that it is `SELECT * FROM
-    unnest(CAST(%s AS type[]), ...)`: one array per column, so the text stops growing with the rows and psycopg
-    parses it once (it caches statements of at most 50 parameters). Runs of 20 jobs' events: 0.37-0.43 -> 0.22-0.26
-    ms of the control worker's CPU per job; arrays cost more than a few rows of values, hence the threshold.
-    Elsewhere it is `VALUES (...), (...)`."""
+    On PostgreSQL a single row, or rows of up to `VALUES_MAX_PARAMS` values in all, are `VALUES (...), (...)` with
+    the first row cast to the columns' types (a VALUES column is typed by its rows, where a NULL or a string is text).
+    Past that it is `SELECT * FROM unnest(CAST(%s AS type[]), ...)`: one array per column, so the text stops growing
+    with the rows and psycopg parses it once. Runs of 20 jobs' events: 0.37-0.43 -> 0.22-0.26 ms of the control
+    worker's CPU per job; arrays cost more than a few rows of values, hence the threshold. The API's new jobs (20
+    columns) in groups of 3-8 were VALUES lists of 60-160 parameters that psycopg parsed at every INSERT: ~3 % of
+    the API's CPU at c=16 (py-spy, BENCHMARKS.md 2026-12-07 late morning). Elsewhere it is `VALUES (...), (...)`."""
     placeholders = f"({', '.join(['%s'] * len(fields))})"
     flat = [value for row in rows for value in row]
     if cursor.db.vendor != "postgresql":
         return f"VALUES {', '.join([placeholders] * len(rows))}", flat
     types = _column_types(cursor.db.alias, model, tuple(fields))
-    if len(rows) <= VALUES_MAX_ROWS:
+    if len(rows) == 1 or len(flat) <= VALUES_MAX_PARAMS:
         first = f"({', '.join(f'CAST(%s AS {column_type})' for column_type in types)})"
         return f"VALUES {', '.join([first] + [placeholders] * (len(rows) - 1))}", flat
     casts = ", ".join(f"CAST(%s AS {column_type}[])" for column_type in types)

@@ -1,5 +1,5 @@
 """`farm.sql.rows_query`, the row source of the bulk writes: what goes in reads back, and it types its columns; as
-a VALUES list and (past `VALUES_MAX_ROWS`, on PostgreSQL) as arrays through unnest."""
+a VALUES list and (past `VALUES_MAX_PARAMS`, on PostgreSQL) as arrays through unnest."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def source(rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
 @pytest.fixture(params=["values", "arrays"])
 def row_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "arrays":
-        monkeypatch.setattr(farm.sql, "VALUES_MAX_ROWS", 0)
+        monkeypatch.setattr(farm.sql, "VALUES_MAX_PARAMS", 0)
     return request.param
 
 
@@ -63,3 +63,17 @@ def test_an_update_from_columns_of_only_nulls_and_strings_is_typed(row_source: s
             f"FROM v WHERE {table}.id = v.id AND {table}.attempt = v.attempt",
             params,
         )  # no job has these ids: what is tested is that the statement plans
+
+
+@pytest.mark.django_db
+def test_a_values_list_stays_within_what_psycopg_parses_once() -> None:
+    """psycopg caches a statement's parse only up to MAX_CACHED_STATEMENT_PARAMS parameters; a longer VALUES list
+    (the API's new jobs have 20 columns) was parsed again at every INSERT, so past that the rows go as arrays."""
+    if connection.vendor != "postgresql":
+        pytest.skip("arrays through unnest are PostgreSQL's")
+    from psycopg._queries import MAX_CACHED_STATEMENT_PARAMS
+
+    assert farm.sql.VALUES_MAX_PARAMS <= MAX_CACHED_STATEMENT_PARAMS
+    rows = [(uuid.uuid4(), i, "w", None, None) for i in range(farm.sql.VALUES_MAX_PARAMS // len(FIELDS) + 1)]
+    assert "(VALUES (" in source(rows[:-1])[0] and "unnest" not in source(rows[:-1])[0]
+    assert "unnest" in source(rows)[0]
