@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm import queues
+from farm.job_streams import job_streams_open
 from farm.redis_client import sync_redis
 from farm.request_ids import request_id_bound
 from farm.task_messages import task_message, task_push_many
@@ -94,8 +95,6 @@ def inference_publish_now(tasks: Sequence[InferenceTask], *, open_streams: bool 
     `open_streams` (new jobs): each job's stream gets its opening entry first (`job_streams_open`), on a Redis
     broker in the same round trip, ahead of the messages: a worker's first write must find it there, and a separate
     round trip cost the API 0.06-0.15 ms per request (BENCHMARKS.md, 2026-12-07 morning)."""
-    from farm.job_streams import job_streams_open
-
     opening = [(task.job_id, task.deadline) for task in tasks] if open_streams else []
     if not _redis_broker():
         if opening:
@@ -114,11 +113,9 @@ def inference_publish_now(tasks: Sequence[InferenceTask], *, open_streams: bool 
             request_id=task.request_id,
         )
         messages.append((queue, message))
-    if not opening:
-        task_push_many(messages)
-        return
     with sync_redis().pipeline(transaction=False) as pipe:
-        job_streams_open(opening, pipe=pipe)
+        if opening:
+            job_streams_open(opening, pipe=pipe)
         task_push_many(messages, pipe=pipe)
         pipe.execute()
 

@@ -87,25 +87,13 @@ def task_message(
     )
 
 
-def task_push_many(messages: Sequence[tuple[str, bytes]], *, pipe: Pipeline | None = None) -> None:
-    """Publishes (queue, message) pairs on the Redis broker in one round trip: one LPUSH per queue, in the given
-    order (kombu's Redis transport: a queue is a list, consumed from its tail, priority 0); with `pipe`, in that
-    pipeline's round trip, after what it already holds. A broker that is down is retried for about 5 s
+def task_push_many(messages: Sequence[tuple[str, bytes]], *, pipe: Pipeline) -> None:
+    """Queues the publishing of (queue, message) pairs on the Redis broker on `pipe`, which the caller executes (one
+    round trip with whatever else it holds): one LPUSH per queue, in the given order (kombu's Redis transport: a
+    queue is a list, consumed from its tail, priority 0). A broker that is down is retried for about 5 s
     (`farm.redis_client`), then the error is raised."""
-    from farm.redis_client import sync_redis
-
     by_queue: dict[str, list[bytes]] = {}
     for queue, message in messages:
         by_queue.setdefault(queue, []).append(message)
-    if pipe is not None:
-        for queue, values in by_queue.items():
-            pipe.lpush(queue, *values)
-        return
-    if len(by_queue) == 1:
-        [(queue, values)] = by_queue.items()
-        sync_redis().lpush(queue, *values)
-        return
-    with sync_redis().pipeline(transaction=False) as own:
-        for queue, values in by_queue.items():
-            own.lpush(queue, *values)
-        own.execute()
+    for queue, values in by_queue.items():
+        pipe.lpush(queue, *values)
