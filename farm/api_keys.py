@@ -17,6 +17,7 @@ from django.utils import timezone
 from farm.db import run_db
 from farm.errors import InvalidRequest, PermissionDenied
 from farm.models import ApiKey, OnLimit, QuotaPeriod
+from farm.single_flight import SingleFlight
 from settings import env
 
 KEY_PREFIX = "farm-"
@@ -131,7 +132,7 @@ def api_key_set_policy(*, key: ApiKey, **policy: Any) -> ApiKey:
         setattr(key, field, value)
     key.full_clean(exclude=["owner", "lookup_id", "secret_hash"], validate_unique=False)
     key.save(update_fields=list(policy))
-    _cache.clear()
+    _cache_clear()
     return key
 
 
@@ -146,12 +147,21 @@ def api_key_revoke(*, key: ApiKey) -> None:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
-    _cache.clear()
+    _cache_clear()
 
 
 # In-process cache: raw-key digest -> (principal or None, expiry). Revocation takes effect within FARM_KEY_CACHE_S.
 _cache: dict[str, tuple[KeyPrincipal | None, float]] = {}
 _CACHE_MAX = 10_000
+_lookups = SingleFlight()  # one database lookup at a time per key: its requests share it when its entry expires
+_generation = 0  # bumped by `_cache_clear`: a lookup begun before a change does not enter the cache
+
+
+def _cache_clear() -> None:
+    global _generation
+    _cache.clear()
+    _generation += 1
+    _lookups.forget()
 
 
 def _principal_for(key: ApiKey | None, digest: str) -> KeyPrincipal | None:
@@ -165,14 +175,19 @@ def _principal_for(key: ApiKey | None, digest: str) -> KeyPrincipal | None:
 async def api_key_authenticate(raw_key: str) -> KeyPrincipal | None:
     """The principal for a presented key, or None (unknown, revoked, expired). Cached briefly per process."""
     digest = _digest(raw_key)
-    now = time.monotonic()
     hit = _cache.get(digest)
-    if hit is not None and hit[1] > now:
+    if hit is not None and hit[1] > time.monotonic():
         return hit[0]
+    return await _lookups.run(digest, lambda: _lookup(raw_key, digest))
+
+
+async def _lookup(raw_key: str, digest: str) -> KeyPrincipal | None:
+    generation = _generation
     principal = await run_db(api_key_authenticate_sync, raw_key)
-    if len(_cache) >= _CACHE_MAX:
-        _cache.clear()
-    _cache[digest] = (principal, now + env.FARM_KEY_CACHE_S)
+    if generation == _generation:
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[digest] = (principal, time.monotonic() + env.FARM_KEY_CACHE_S)
     return principal
 
 

@@ -12,6 +12,7 @@ from farm import queues, redis_keys
 from farm.db import run_db
 from farm.models import Model, ModelSpec
 from farm.redis_client import sync_redis
+from farm.single_flight import SingleFlight
 
 _CACHE_S = 5.0
 
@@ -72,19 +73,32 @@ def _load_models() -> dict[str, ModelEntry]:
     return entries
 
 
+_loads = SingleFlight()
+_generation = 0  # bumped by `catalog_invalidate`: a load begun before it does not become the cache
+
+
 async def model_catalog() -> dict[str, ModelEntry]:
-    """Enabled models by public name; refreshed every few seconds per process."""
-    global _models
+    """Enabled models by public name; refreshed every few seconds per process, one load at a time."""
     expires, entries = _models
     if expires < time.monotonic():
-        entries = await run_db(_load_models)
+        entries = await _loads.run(None, _load)
+    return entries
+
+
+async def _load() -> dict[str, ModelEntry]:
+    global _models
+    generation = _generation
+    entries = await run_db(_load_models)
+    if generation == _generation:
         _models = (time.monotonic() + _CACHE_S, entries)
     return entries
 
 
 def catalog_invalidate() -> None:
-    global _models
+    global _models, _generation
     _models = (0.0, {})
+    _generation += 1
+    _loads.forget()
 
 
 def spec_definition(spec: ModelSpec) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import time
 from farm import queues, redis_keys
 from farm.redis_client import async_redis, sync_redis
 from farm.routing import BACKOFF_POLICY, BackoffPolicy
+from farm.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ CAUSE_WINDOW_S = 60
 
 _backoffs: tuple[float, dict[str, float]] = (0.0, {})
 _depths: dict[str, tuple[float, int]] = {}
+_backoff_reads = SingleFlight()
+_depth_reads = SingleFlight()
+_generation = 0  # bumped by `backoffs_invalidate`: a read begun before it does not enter the caches
 
 
 def spec_failure_record(
@@ -75,35 +79,54 @@ def spec_backoffs_sync() -> dict[str, float]:
 
 
 async def spec_backoffs() -> dict[str, float]:
-    """spec -> back-off end (epoch seconds); one HGETALL per process every `_BACKOFF_CACHE_S`."""
-    global _backoffs
+    """spec -> back-off end (epoch seconds); one HGETALL per process every `_BACKOFF_CACHE_S`, shared by the
+    requests that find it expired."""
     expires, values = _backoffs
     if expires > time.monotonic():
         return values
+    return await _backoff_reads.run(None, _backoffs_read)
+
+
+async def _backoffs_read() -> dict[str, float]:
+    global _backoffs
+    generation = _generation
     raw = await async_redis().hgetall(redis_keys.SPEC_BACKOFF)
     values = {name.decode(): float(until) for name, until in raw.items()}
-    _backoffs = (time.monotonic() + _BACKOFF_CACHE_S, values)
+    if generation == _generation:
+        _backoffs = (time.monotonic() + _BACKOFF_CACHE_S, values)
     return values
 
 
 def backoffs_invalidate() -> None:
-    global _backoffs
+    global _backoffs, _generation
     _backoffs = (0.0, {})
+    _generation += 1
+    _backoff_reads.forget()
+    _depth_reads.forget()
     _depths.clear()
 
 
 async def queue_depths(specs: list[str]) -> dict[str, int]:
-    """Messages waiting in each spec's `infer.<spec>` queue (Celery's Redis list), cached briefly per spec."""
+    """Messages waiting in each spec's `infer.<spec>` queue (Celery's Redis list), cached briefly per spec; the
+    requests that find the same depths expired share one read."""
     now = time.monotonic()
-    missing = [spec for spec in specs if _depths.get(spec, (0.0, 0))[0] <= now]
+    cached = {spec: _depths[spec][1] for spec in specs if spec in _depths and _depths[spec][0] > now}
+    missing = tuple(sorted(spec for spec in specs if spec not in cached))
     if missing:
-        async with async_redis().pipeline(transaction=False) as pipe:
-            for spec in missing:
-                pipe.llen(queues.infer_queue(spec))
-            lengths = await pipe.execute()
-        for spec, length in zip(missing, lengths, strict=True):
-            _depths[spec] = (now + _DEPTH_CACHE_S, int(length))
-    return {spec: _depths[spec][1] for spec in specs}
+        cached |= await _depth_reads.run(missing, lambda: _depths_read(missing))
+    return {spec: cached[spec] for spec in specs}
+
+
+async def _depths_read(specs: tuple[str, ...]) -> dict[str, int]:
+    generation = _generation
+    async with async_redis().pipeline(transaction=False) as pipe:
+        for spec in specs:
+            pipe.llen(queues.infer_queue(spec))
+        lengths = dict(zip(specs, map(int, await pipe.execute()), strict=True))
+    if generation == _generation:
+        expires = time.monotonic() + _DEPTH_CACHE_S
+        _depths.update((spec, (expires, length)) for spec, length in lengths.items())
+    return lengths
 
 
 def queue_depths_sync(specs: list[str]) -> dict[str, int]:
