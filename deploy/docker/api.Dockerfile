@@ -15,4 +15,4 @@ RUN useradd --uid 10001 farm
 USER farm
 EXPOSE 8000
 CMD ["python", "-m", "uvicorn", "api.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", \
-     "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
+     "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--timeout-keep-alive", "75"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -38,3 +41,31 @@ def test_request_id_is_generated_when_absent_or_unsafe(live_farm: LiveFarm, give
     second = httpx.get(f"{live_farm.base_url}/healthz", headers=headers, timeout=10).headers["x-request-id"]
     assert GENERATED_ID.match(first) and GENERATED_ID.match(second)
     assert first != second
+
+
+def _healthz_on(sock: socket.socket) -> bytes:
+    """Sends GET /healthz on an open connection and returns the whole response (b"" if the server closed it)."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: farm\r\n\r\n")
+    response = b""
+    while True:
+        head, _, body = response.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if length and len(body) >= int(length.group(1)):
+            return response
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return response
+        if not chunk:
+            return response
+        response += chunk
+
+
+def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(live_farm: LiveFarm) -> None:
+    """The client, not the API, closes an idle keep-alive connection (httpx, and so the openai SDK, keeps one for
+    5 s, aiohttp for 15 s): at uvicorn's default of 5 s a request sent as the server's timer fired was reset."""
+    url = urlsplit(live_farm.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        assert _healthz_on(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        assert _healthz_on(sock).startswith(b"HTTP/1.1 200")
