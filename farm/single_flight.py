@@ -38,6 +38,6 @@ class SingleFlight:
 
     def _landed(self, key: Hashable, task: asyncio.Task) -> None:
         if self._flights.get(key) is task:
-            del self._flights[key]
+            self._flights.pop(key, None)  # `forget` may run on another thread's loop in between
         if not task.cancelled():
             task.exception()  # retrieved: a failure whose callers all left is not logged as never retrieved
