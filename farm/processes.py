@@ -25,8 +25,8 @@ def spawn_child(command: Sequence[str], **popen: Any) -> subprocess.Popen:
 
 # Seconds the API keeps an idle keep-alive connection open: longer than clients keep theirs (the openai SDK's httpx
 # 5 s, aiohttp 15 s, load balancers 60 s), so the client closes an idle connection first. At uvicorn's default, 5 s,
-# a request sent as the server's timer fired was reset, and with the event loop seconds behind under overload its
-# timers fired before it read the requests already waiting: 1,190 of 24,069 requests reset at 1,600/s offered.
+# a request sent as the server's timer fired was reset; under overload, with the event loop seconds behind, the timers
+# ran before the requests already waiting on those connections were read.
 API_KEEP_ALIVE_S = 75
 
 
