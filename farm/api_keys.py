@@ -154,14 +154,11 @@ def api_key_revoke(*, key: ApiKey) -> None:
 _cache: dict[str, tuple[KeyPrincipal | None, float]] = {}
 _CACHE_MAX = 10_000
 _lookups = SingleFlight()  # one database lookup at a time per key: its requests share it when its entry expires
-_generation = 0  # bumped by `_cache_clear`: a lookup begun before a change does not enter the cache
 
 
 def _cache_clear() -> None:
-    global _generation
     _cache.clear()
-    _generation += 1
-    _lookups.forget()
+    _lookups.forget()  # a lookup begun before the change does not enter the cache
 
 
 def _principal_for(key: ApiKey | None, digest: str) -> KeyPrincipal | None:
@@ -178,17 +175,15 @@ async def api_key_authenticate(raw_key: str) -> KeyPrincipal | None:
     hit = _cache.get(digest)
     if hit is not None and hit[1] > time.monotonic():
         return hit[0]
-    return await _lookups.run(digest, lambda: _lookup(raw_key, digest))
+    return await _lookups.run(
+        digest, lambda: run_db(api_key_authenticate_sync, raw_key), store=lambda found: _remember(digest, found)
+    )
 
 
-async def _lookup(raw_key: str, digest: str) -> KeyPrincipal | None:
-    generation = _generation
-    principal = await run_db(api_key_authenticate_sync, raw_key)
-    if generation == _generation:
-        if len(_cache) >= _CACHE_MAX:
-            _cache.clear()
-        _cache[digest] = (principal, time.monotonic() + env.FARM_KEY_CACHE_S)
-    return principal
+def _remember(digest: str, principal: KeyPrincipal | None) -> None:
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[digest] = (principal, time.monotonic() + env.FARM_KEY_CACHE_S)
 
 
 def api_key_authenticate_sync(raw_key: str) -> KeyPrincipal | None:

@@ -74,31 +74,25 @@ def _load_models() -> dict[str, ModelEntry]:
 
 
 _loads = SingleFlight()
-_generation = 0  # bumped by `catalog_invalidate`: a load begun before it does not become the cache
 
 
 async def model_catalog() -> dict[str, ModelEntry]:
     """Enabled models by public name; refreshed every few seconds per process, one load at a time."""
     expires, entries = _models
     if expires < time.monotonic():
-        entries = await _loads.run(None, _load)
+        entries = await _loads.run(None, lambda: run_db(_load_models), store=_keep)
     return entries
 
 
-async def _load() -> dict[str, ModelEntry]:
+def _keep(entries: dict[str, ModelEntry]) -> None:
     global _models
-    generation = _generation
-    entries = await run_db(_load_models)
-    if generation == _generation:
-        _models = (time.monotonic() + _CACHE_S, entries)
-    return entries
+    _models = (time.monotonic() + _CACHE_S, entries)
 
 
 def catalog_invalidate() -> None:
-    global _models, _generation
+    global _models
     _models = (0.0, {})
-    _generation += 1
-    _loads.forget()
+    _loads.forget()  # a load begun before the change does not become the cache
 
 
 def spec_definition(spec: ModelSpec) -> dict[str, Any]:

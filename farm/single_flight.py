@@ -20,21 +20,34 @@ class SingleFlight:
 
     def __init__(self) -> None:
         self._flights: dict[Hashable, asyncio.Task] = {}
+        self._generation = 0  # bumped by `forget`
 
-    async def run(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
-        """`read()`'s result, shared with every caller of the same `key` while it runs. A caller that is cancelled
-        does not cancel the read: the others still wait for it."""
+    async def run(
+        self, key: Hashable, read: Callable[[], Awaitable[T]], *, store: Callable[[T], None] | None = None
+    ) -> T:
+        """`read()`'s result, shared with every caller of the same `key` while it runs, and given to `store` (the
+        cache) unless `forget` was called since the read began. A caller that is cancelled does not cancel the
+        read: the others still wait for it."""
         loop = asyncio.get_running_loop()
         task = self._flights.get(key)
         if task is None or task.done() or task.get_loop() is not loop:
-            task = loop.create_task(read())
+            task = loop.create_task(self._flight(read, store))
             self._flights[key] = task
             task.add_done_callback(lambda done: self._landed(key, done))
         return await asyncio.shield(task)
 
     def forget(self) -> None:
-        """Later callers start new reads: what is in flight may have begun before a change they must see."""
+        """Later callers start new reads, and reads in flight are not stored: they may have begun before a change
+        that later callers must see."""
+        self._generation += 1
         self._flights.clear()
+
+    async def _flight(self, read: Callable[[], Awaitable[T]], store: Callable[[T], None] | None) -> T:
+        generation = self._generation
+        value = await read()
+        if store is not None and generation == self._generation:
+            store(value)
+        return value
 
     def _landed(self, key: Hashable, task: asyncio.Task) -> None:
         if self._flights.get(key) is task:

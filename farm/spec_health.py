@@ -27,7 +27,6 @@ _backoffs: tuple[float, dict[str, float]] = (0.0, {})
 _depths: dict[str, tuple[float, int]] = {}
 _backoff_reads = SingleFlight()
 _depth_reads = SingleFlight()
-_generation = 0  # bumped by `backoffs_invalidate`: a read begun before it does not enter the caches
 
 
 def spec_failure_record(
@@ -84,24 +83,23 @@ async def spec_backoffs() -> dict[str, float]:
     expires, values = _backoffs
     if expires > time.monotonic():
         return values
-    return await _backoff_reads.run(None, _backoffs_read)
+    return await _backoff_reads.run(None, _backoffs_read, store=_keep_backoffs)
 
 
 async def _backoffs_read() -> dict[str, float]:
-    global _backoffs
-    generation = _generation
     raw = await async_redis().hgetall(redis_keys.SPEC_BACKOFF)
-    values = {name.decode(): float(until) for name, until in raw.items()}
-    if generation == _generation:
-        _backoffs = (time.monotonic() + _BACKOFF_CACHE_S, values)
-    return values
+    return {name.decode(): float(until) for name, until in raw.items()}
+
+
+def _keep_backoffs(values: dict[str, float]) -> None:
+    global _backoffs
+    _backoffs = (time.monotonic() + _BACKOFF_CACHE_S, values)
 
 
 def backoffs_invalidate() -> None:
-    global _backoffs, _generation
+    global _backoffs
     _backoffs = (0.0, {})
-    _generation += 1
-    _backoff_reads.forget()
+    _backoff_reads.forget()  # reads begun before the change do not enter the caches
     _depth_reads.forget()
     _depths.clear()
 
@@ -113,20 +111,20 @@ async def queue_depths(specs: list[str]) -> dict[str, int]:
     cached = {spec: _depths[spec][1] for spec in specs if spec in _depths and _depths[spec][0] > now}
     missing = tuple(sorted(spec for spec in specs if spec not in cached))
     if missing:
-        cached |= await _depth_reads.run(missing, lambda: _depths_read(missing))
+        cached |= await _depth_reads.run(missing, lambda: _depths_read(missing), store=_keep_depths)
     return {spec: cached[spec] for spec in specs}
 
 
 async def _depths_read(specs: tuple[str, ...]) -> dict[str, int]:
-    generation = _generation
     async with async_redis().pipeline(transaction=False) as pipe:
         for spec in specs:
             pipe.llen(queues.infer_queue(spec))
-        lengths = dict(zip(specs, map(int, await pipe.execute()), strict=True))
-    if generation == _generation:
-        expires = time.monotonic() + _DEPTH_CACHE_S
-        _depths.update((spec, (expires, length)) for spec, length in lengths.items())
-    return lengths
+        return dict(zip(specs, map(int, await pipe.execute()), strict=True))
+
+
+def _keep_depths(lengths: dict[str, int]) -> None:
+    expires = time.monotonic() + _DEPTH_CACHE_S
+    _depths.update((spec, (expires, length)) for spec, length in lengths.items())
 
 
 def queue_depths_sync(specs: list[str]) -> dict[str, int]:

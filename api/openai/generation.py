@@ -85,6 +85,11 @@ class DeltaChunks:
             return _sse({**self._shaper.chunk(self._sub, text=text, finish_reason=None, first=True), **self._usage})
         return self._head + orjson.dumps(text) + self._tail
 
+    def finish(self, finish_reason: str | None) -> bytes:
+        """The chunk that ends the choice (with the role, if nothing was sent before it)."""
+        chunk = self._shaper.chunk(self._sub, text=None, finish_reason=finish_reason, first=self.first)
+        return _sse({**chunk, **self._usage})
+
 
 async def _mark_timed_out(sub: Submission) -> None:
     """The API gave up waiting: end the job unless its worker already ended it."""
@@ -210,14 +215,7 @@ async def _sse_chunks(
             elif isinstance(event, End):
                 TOKENS.labels(model=sub.model).inc(event.completion_tokens)
                 await _settle(reservation, event)
-                parts.append(
-                    _sse(
-                        {
-                            **shaper.chunk(sub, text=None, finish_reason=event.finish_reason, first=deltas.first),
-                            **({"usage": None} if include_usage else {}),
-                        }
-                    )
-                )
+                parts.append(deltas.finish(event.finish_reason))
                 if include_usage:
                     parts.append(
                         _sse(

@@ -97,7 +97,7 @@ def test_a_failed_read_reaches_every_caller_and_the_next_caller_reads_again() ->
     asyncio.run(scenario())
 
 
-def test_after_forget_a_caller_starts_a_new_read_instead_of_joining_one_begun_before() -> None:
+def test_after_forget_a_caller_starts_a_new_read_and_the_earlier_read_is_not_stored() -> None:
     async def scenario() -> None:
         flights = SingleFlight()
         state = {"value": "before"}
@@ -108,14 +108,16 @@ def test_after_forget_a_caller_starts_a_new_read_instead_of_joining_one_begun_be
             await release.wait()
             return seen
 
-        early = asyncio.create_task(flights.run("k", read))
+        stored: list[str] = []
+        early = asyncio.create_task(flights.run("k", read, store=stored.append))
         await asyncio.sleep(0.01)
         state["value"] = "after"
         flights.forget()
-        late = asyncio.create_task(flights.run("k", read))
+        late = asyncio.create_task(flights.run("k", read, store=stored.append))
         await asyncio.sleep(0.01)
         release.set()
         assert (await early, await late) == ("before", "after")
+        assert stored == ["after"]  # the read begun before `forget` is not stored
 
     asyncio.run(scenario())
 
