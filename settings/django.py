@@ -65,19 +65,27 @@ TEMPLATES = [
     },
 ]
 
-_db = dj_database_url.parse(env.DATABASE_URL, conn_max_age=600, conn_health_checks=True)
-if _db["ENGINE"] == "django.db.backends.sqlite3":
-    env.FARM_HOME.mkdir(parents=True, exist_ok=True)
-    # WAL lets the API read while the control worker writes; the timeout absorbs short write contention.
-    _db["OPTIONS"] = {
-        "timeout": 20,
-        "transaction_mode": "IMMEDIATE",
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-    }
-    _db["CONN_MAX_AGE"] = 0
-    # Tests share the database with live server processes, so the test database must be a file.
-    _db["TEST"] = {"NAME": str(env.FARM_HOME / "test.sqlite3")}
-DATABASES = {"default": _db}
+
+
+def database_settings(url: str) -> dict:
+    """The default database from its URL. Connections are kept for 10 minutes on every backend, SQLite's included:
+    the control worker checks them before each task (`farm.celery`), and at `CONN_MAX_AGE = 0` it opened a new SQLite
+    connection (and ran its PRAGMAs) for every control task."""
+    database = dj_database_url.parse(url, conn_max_age=600, conn_health_checks=True)
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        env.FARM_HOME.mkdir(parents=True, exist_ok=True)
+        # WAL lets the API read while the control worker writes; the timeout absorbs short write contention.
+        database["OPTIONS"] = {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+        # Tests share the database with live server processes, so the test database must be a file.
+        database["TEST"] = {"NAME": str(env.FARM_HOME / "test.sqlite3")}
+    return database
+
+
+DATABASES = {"default": database_settings(env.DATABASE_URL)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -61,3 +61,25 @@ def test_a_pool_thread_whose_connection_broke_reconnects_on_its_next_call() -> N
     # Each broken thread fails at most once, then serves again.
     assert outcomes.count("error") <= POOL_SIZE
     assert outcomes[-POOL_SIZE:] == ["1"] * POOL_SIZE
+
+
+def test_a_sqlite_connection_outlives_the_check_before_each_control_task(tmp_path) -> None:
+    """The embedded default keeps its connections like PostgreSQL does: the control worker's check before each task
+    (`close_old_connections`) reuses the SQLite connection instead of opening a new one (and running its PRAGMAs)."""
+    from django.db.utils import ConnectionHandler
+
+    from settings.django import database_settings
+
+    handler = ConnectionHandler({"default": database_settings(f"sqlite:///{tmp_path / 'farm.sqlite3'}")})
+    sqlite = handler["default"]
+    try:
+        with sqlite.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode")
+            assert cursor.fetchone()[0] == "wal"
+        opened = sqlite.connection
+        sqlite.close_if_unusable_or_obsolete()  # what `close_old_connections` does to each connection
+        with sqlite.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        assert sqlite.connection is opened
+    finally:
+        sqlite.close()
