@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import dj_database_url
 
@@ -66,8 +67,7 @@ TEMPLATES = [
 ]
 
 
-
-def database_settings(url: str) -> dict:
+def database_settings(url: str) -> dict[str, Any]:
     """The default database from its URL. Connections are kept for 10 minutes on every backend, SQLite's included:
     the control worker checks them before each task (`farm.celery`), and at `CONN_MAX_AGE = 0` it opened a new SQLite
     connection (and ran its PRAGMAs) for every control task."""

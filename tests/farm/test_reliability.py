@@ -109,17 +109,20 @@ class FaultFarm:
         return redis.Redis.from_url(self.redis_url, socket_timeout=15)
 
     def generating(self, job_id: str) -> bool:
-        """Whether the job's first tokens are in its Redis stream (which opens at intake with its attempt's start). A
+        """Whether the job's first text is in its Redis stream (which opens at intake with its attempt's start): a delta
+        with text, since a token can decode to none yet (the detokenizer holds back a partial character) and a
+        scenario that counts the streamed chunks needs one with content (a run once had one token out and no text). A
         Valkey that does not answer fails the scenario with what its process and log say (a CI run once saw it silent
         for 20 s)."""
         from farm import stream_format
 
         try:
-            entries = self.redis.xrange(redis_keys.job_stream(job_id), count=8)
+            entries = self.redis.xrange(redis_keys.job_stream(job_id), count=32)
         except redis.RedisError as exc:
             raise AssertionError(f"Valkey did not answer XRANGE ({exc}): {self.valkey_state()}") from exc
         field = stream_format.FIELD.encode()
-        return any(isinstance(stream_format.decode(fields[field]), stream_format.Delta) for _, fields in entries)
+        events = [stream_format.decode(fields[field]) for _, fields in entries]
+        return any(isinstance(event, stream_format.Delta) and event.text for event in events)
 
     def stream_ended(self, job_id: str) -> bool:
         """Whether the job's Redis stream holds its final event (its worker answered, whatever the row says yet)."""
