@@ -121,7 +121,7 @@ class FaultFarm:
         except redis.RedisError as exc:
             raise AssertionError(f"Valkey did not answer XRANGE ({exc}): {self.valkey_state()}") from exc
         field = stream_format.FIELD.encode()
-        events = [stream_format.decode(fields[field]) for _, fields in entries]
+        events = (stream_format.decode(fields[field]) for _, fields in entries)
         return any(isinstance(event, stream_format.Delta) and event.text for event in events)
 
     def stream_ended(self, job_id: str) -> bool:
