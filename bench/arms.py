@@ -183,8 +183,6 @@ def engine_cli_flags(engine_args: dict[str, Any]) -> list[str]:
 
 
 class DirectArm(Arm):
-    name = "direct"
-
     def __init__(
         self,
         *,
@@ -193,11 +191,13 @@ class DirectArm(Arm):
         env_overrides: dict[str, str],
         log_dir: Path,
         temperature: float,
+        name: str = "direct",
     ) -> None:
+        self.name = name
         self.model_dir = model_dir
         self.engine_args = engine_args
         self.env = {**os.environ, **env_overrides}
-        self.log_path = log_dir / "direct.log"
+        self.log_path = log_dir / f"{name}.log"
         self.temperature = temperature
         self.process: subprocess.Popen | None = None
         self.load_s: float | None = None
@@ -262,7 +262,7 @@ class DirectArm(Arm):
         self.process = None
 
     def roots(self) -> dict[str, int]:
-        return {"direct": self.process.pid} if self.process else {}
+        return {self.name: self.process.pid} if self.process else {}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "load_s": self.load_s}
@@ -285,8 +285,6 @@ class HttpArm(Arm):
 
 
 class VllmServeArm(HttpArm):
-    name = "vllm-serve"
-
     def __init__(
         self,
         *,
@@ -295,11 +293,13 @@ class VllmServeArm(HttpArm):
         env_overrides: dict[str, str],
         log_dir: Path,
         temperature: float,
+        name: str = "vllm-serve",
     ) -> None:
+        self.name = name
         self.model_dir = model_dir
         self.engine_args = {**FARM_ENGINE_DEFAULTS, **engine_args}  # what the farm's worker would load
         self.env = {**os.environ, **env_overrides}
-        self.log_path = log_dir / "vllm-serve.log"
+        self.log_path = log_dir / f"{name}.log"
         self.temperature = temperature
         self.port = free_port()
         self.process: subprocess.Popen | None = None
@@ -356,15 +356,13 @@ class VllmServeArm(HttpArm):
         self.process = None
 
     def roots(self) -> dict[str, int]:
-        return {"vllm-serve": self.process.pid} if self.process else {}
+        return {self.name: self.process.pid} if self.process else {}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "load_s": self.load_s, "command": self.command}
 
 
 class FarmArm(HttpArm):
-    name = "farm"
-
     def __init__(
         self,
         *,
@@ -374,8 +372,10 @@ class FarmArm(HttpArm):
         log_dir: Path,
         temperature: float,
         worker_concurrency: int,
+        name: str = "farm",
     ) -> None:
-        home = log_dir / "farm"  # FARM_HOME: database, Redis data and logs stay with the run's other logs
+        self.name = name
+        home = log_dir / name  # FARM_HOME: database, Redis data and logs stay with the run's other logs
         self.farm = PrivateFarm(
             home=home,
             model_dir=model_dir,
@@ -425,7 +425,9 @@ class FarmArm(HttpArm):
         self.farm.stop()
 
     def roots(self) -> dict[str, int]:
-        return {f"farm-{name}": process.pid for name, process in self.farm.children.items() if process.poll() is None}
+        return {
+            f"{self.name}-{role}": process.pid for role, process in self.farm.children.items() if process.poll() is None
+        }
 
     def describe(self) -> dict[str, Any]:
         return {

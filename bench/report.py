@@ -10,6 +10,8 @@ from typing import Any
 from bench.loadgen import Batch
 
 FARM, SERVE, DIRECT = "farm", "vllm-serve", "direct"
+TWIN = "-b"  # an arm's second copy in an A/A run: `vllm-serve-b` against `vllm-serve`
+ARM_ORDER = (DIRECT, DIRECT + TWIN, SERVE, SERVE + TWIN, FARM, FARM + TWIN)
 
 # The bars: (what, concurrency: "highest" | "lowest" | a level, comparison key, operator, threshold). The backbone
 # issue's hold at the highest and lowest levels measured; the benchmark issue's (#8) at concurrency 64.
@@ -100,15 +102,40 @@ def paired_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float] | None:
     return [x / y for x, y in zip(rounds_a, rounds_b, strict=True)]
 
 
-def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
-    """Per concurrency: throughput ratios (of the arms' medians, and `<ratio> rounds`: paired round by round) and
-    the TTFT the farm adds over each reference (ms, pooled p50/p99)."""
+def instance_means(rounds: list[float] | None, instances: int) -> list[float] | None:
+    """The paired ratios' mean per instance (the rounds split in order into `instances` equal runs)."""
+    if not rounds or instances < 2 or len(rounds) % instances:
+        return None
+    size = len(rounds) // instances
+    return [statistics.fmean(rounds[i * size : (i + 1) * size]) for i in range(instances)]
+
+
+def reference(summary: dict[str, dict[int, dict[str, Any]]], name: str, c: int) -> tuple[dict[str, Any], bool]:
+    """Arm `name`'s figures at concurrency `c`; with its twin in the run (same rounds), the two pooled: each round's
+    throughput is the mean of the two instances', which halves the variance a single start of the reference brings
+    into every ratio (its TTFT figures stay the arm's own). Returns the figures and whether they are pooled."""
+    one = summary.get(name, {}).get(c, {})
+    twin = summary.get(name + TWIN, {}).get(c, {})
+    a, b = one.get("output_tok_per_s_rounds") or [], twin.get("output_tok_per_s_rounds") or []
+    if not a or len(a) != len(b):
+        return one, False
+    rounds = [(x + y) / 2 for x, y in zip(a, b, strict=True)]
+    return {**one, "output_tok_per_s_rounds": rounds, "output_tok_per_s_median": statistics.median(rounds)}, True
+
+
+def comparisons(summary: dict[str, dict[int, dict[str, Any]]], *, instances: int = 1) -> dict[int, dict[str, Any]]:
+    """Per concurrency: throughput ratios (of the arms' medians; `<ratio> rounds`: paired round by round; `<ratio>
+    instances`: their mean per instance of the arms), the TTFT the farm adds over each reference (ms, pooled
+    p50/p99), and each twin against its arm (`vllm-serve-b/vllm-serve`, the A/A ratios). A reference with a twin
+    in the run is the two pooled (`reference`; `pooled` names them)."""
     out: dict[int, dict[str, Any]] = {}
     levels = sorted({c for arm in summary.values() for c in arm})
+    tput = "output_tok_per_s_median"
     for c in levels:
-        farm, serve, direct = (summary.get(name, {}).get(c, {}) for name in (FARM, SERVE, DIRECT))
-        tput = "output_tok_per_s_median"
+        farm = summary.get(FARM, {}).get(c, {})
+        (serve, serve_pooled), (direct, direct_pooled) = reference(summary, SERVE, c), reference(summary, DIRECT, c)
         out[c] = {
+            "pooled": [name for name, pooled in ((DIRECT, direct_pooled), (SERVE, serve_pooled)) if pooled],
             "farm/direct": _ratio(farm.get(tput), direct.get(tput)),
             "farm/vllm-serve": _ratio(farm.get(tput), serve.get(tput)),
             "vllm-serve/direct": _ratio(serve.get(tput), direct.get(tput)),
@@ -119,6 +146,14 @@ def comparisons(summary: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict
             "added_ttft_p50_ms_vs_direct": _minus(farm.get("ttft_p50_ms"), direct.get("ttft_p50_ms")),
             "added_ttft_p99_ms_vs_direct": _minus(farm.get("ttft_p99_ms"), direct.get("ttft_p99_ms")),
         }
+        for base in (DIRECT, SERVE, FARM):
+            twin = summary.get(base + TWIN, {}).get(c)
+            if twin is not None and c in summary.get(base, {}):
+                key = f"{base}{TWIN}/{base}"
+                out[c][key] = _ratio(twin.get(tput), summary[base][c].get(tput))
+                out[c][f"{key} rounds"] = paired_ratios(twin, summary[base][c])
+        for key in [k for k in out[c] if k.endswith(" rounds")]:
+            out[c][key.replace(" rounds", " instances")] = instance_means(out[c][key], instances)
     return out
 
 
@@ -137,6 +172,7 @@ def checks(compared: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         value = compared[level].get(key)
         passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
         rounds = compared[level].get(f"{key} rounds")
+        instances = compared[level].get(f"{key} instances")
         verdict = {True: "pass", False: "FAIL", None: "n/a"}[passed]
         if passed is not None and rounds and len(rounds) > 1 and min(rounds) < threshold <= max(rounds):
             verdict = "undecided"
@@ -149,6 +185,7 @@ def checks(compared: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                 "passed": passed,
                 "verdict": verdict,
                 "rounds": rounds,
+                "instances": instances,
             }
         )
     return results
@@ -180,7 +217,7 @@ def render(
     """The end-of-run report: per-arm figures, farm-vs-reference comparisons, the bars, CPU per 1k tokens."""
     arm_rows = []
     for c in sorted(compared):
-        for arm in (DIRECT, SERVE, FARM):
+        for arm in ARM_ORDER:
             s = summary.get(arm, {}).get(c)
             if s is None:
                 continue
@@ -251,19 +288,42 @@ def render(
             str(b["concurrency"]),
             _fmt(b["value"], ".3f"),
             " ".join(f"{r:.3f}" for r in b.get("rounds") or []) or "-",
+            " ".join(f"{r:.3f}" for r in b.get("instances") or []) or "-",
             b["verdict"],
         ]
         for b in bars
     ]
+    pooled = sorted({name for v in compared.values() for name in v.get("pooled", [])})
     if bar_rows:
         parts += [
             "",
-            "Bars (value: ratio of the arms' medians; paired rounds: round by round; undecided: the rounds fall on "
-            "both sides of the bar)",
-            render_table(bar_rows, ["bar", "conc", "value", "paired rounds", "result"], left=(0, 3, 4)),
+            "Bars (value: ratio of the arms' medians; paired rounds: round by round; per instance: their mean over "
+            "each start of the arms (--instances); undecided: the rounds fall on both sides of the bar)"
+            + "".join(f"; {name} is the mean of {name} and {name}{TWIN}, round by round" for name in pooled),
+            render_table(
+                bar_rows, ["bar", "conc", "value", "paired rounds", "per instance", "result"], left=(0, 3, 4, 5)
+            ),
+        ]
+    twin_rows = [
+        [
+            str(c),
+            key,
+            _fmt(v[key], ".3f"),
+            " ".join(f"{r:.3f}" for r in v.get(f"{key} rounds") or []) or "-",
+            " ".join(f"{r:.3f}" for r in v.get(f"{key} instances") or []) or "-",
+        ]
+        for c, v in sorted(compared.items())
+        for key in v
+        if TWIN + "/" in key and not key.endswith((" rounds", " instances"))
+    ]
+    if twin_rows:
+        parts += [
+            "",
+            "A/A: each twin against its arm (the same configuration in separate processes; 1.0 but for noise)",
+            render_table(twin_rows, ["conc", "ratio", "value", "paired rounds", "mean per instance"], left=(1, 3, 4)),
         ]
     cpu_rows = []
-    for arm in (DIRECT, SERVE, FARM):
+    for arm in ARM_ORDER:
         for c, roles in sorted(cpu.get(arm, {}).items()):
             total = sum(roles.values())
             detail = ", ".join(

@@ -36,6 +36,13 @@ TTFT and latency percentiles pool the requests of all rounds. A throughput bar i
 medians, and is `undecided` when the ratios of the paired rounds fall on both sides of it: the run's own
 round-to-round spread is then wider than the margin it would claim.
 
+Instances and twins. An engine start is itself a source of variance: two starts of the same configuration on the
+same machine can differ by a few percent for as long as they run, so with one start per arm that difference sits in
+every paired round of the run. --instances K stops and starts every arm K times, splitting the rounds between the
+starts, and reports each start's mean paired ratio; an arm named with `-b` (e.g. `--arms
+vllm-serve,vllm-serve-b,farm`) is a second, independent copy of that arm, so the run measures the machine's A/A
+spread next to the ratio it judges.
+
 Why all three arms stay up (--layout interleaved, the default): interleaving is what makes the comparison fair on a
 shared machine (a neighbour's burst hits every arm of a round instead of one arm's whole block), and it needs every
 engine loaded. An idle vLLM engine blocks on its input queue instead of polling: the report prints each arm's idle
@@ -56,6 +63,8 @@ Examples:
   .venv/bin/python -m bench.throughput --quick                           # smoke run: 1 min after start-up
   .venv/bin/python -m bench.throughput --wait-for-load 0.7               # the full run, on a quiet machine
   .venv/bin/python -m bench.throughput --concurrency 1,32 --rounds 5 --output-tokens 128 --arms direct,farm
+  .venv/bin/python -m bench.throughput --concurrency 64 --rounds 6 --instances 3 --min-requests 128 \
+      --arms direct,vllm-serve,vllm-serve-b,farm --kv-cache-gib 1     # issue 8's c=64 bars, three starts, A/A
 
 Time: the first start-up on a machine compiles the model (torch.compile: 2-5 minutes on 2 cores, then cached under
 ~/.cache/vllm; see --vllm-aot-compile); later start-ups take about a minute per arm. The default full run takes
@@ -92,6 +101,7 @@ DEFAULT_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 DEMO_MODELS_YAML = ROOT / "deploy" / "models" / "demo.yaml"
 RESULTS_DIR = ROOT / "bench" / "results"
 ARM_NAMES = ("direct", "vllm-serve", "farm")
+TWIN = "-b"  # `vllm-serve-b`: a second, independent copy of an arm, for an A/A run (arm against itself)
 IDLE_CORES = 0.1  # all arms together, before a batch starts
 
 
@@ -139,7 +149,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument(
         "--arms",
         default=",".join(ARM_NAMES),
-        help="comma-separated subset of %(default)s (comparisons need the arms they compare)",
+        help="comma-separated subset of %(default)s (comparisons need the arms they compare); an arm's name "
+        f"with {TWIN!r} (e.g. vllm-serve{TWIN}) adds a second, independent copy of it: an A/A run, which shows how "
+        "far two instances of the same configuration differ on this machine",
     )
     what.add_argument(
         "--worker-concurrency",
@@ -233,6 +245,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=20.0,
         help="longest wait for all arms to go idle before a batch (default %(default)s)",
     )
+    run.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="bring the arms up this many times, fresh processes and engines each time, and split the rounds "
+        "between them (--rounds must be a multiple). Two starts of the same engine can differ by a few percent "
+        "for as long as they run; with one instance per arm that difference is in every paired round. The "
+        "report gives each instance's mean paired ratio (default %(default)s)",
+    )
     run.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -249,9 +270,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 setattr(args, flag[2:].replace("-", "_"), value)
     args.levels = sorted({int(x) for x in str(args.concurrency).split(",") if x.strip()})
     args.arm_names = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = set(args.arm_names) - set(ARM_NAMES)
+    unknown = set(args.arm_names) - {name + twin for name in ARM_NAMES for twin in ("", TWIN)}
     if unknown or not args.levels or min(args.levels) < 1:
         parser.error(f"bad --arms {sorted(unknown)} or --concurrency {args.concurrency!r}")
+    if args.instances < 1 or args.rounds % args.instances:
+        parser.error(f"--rounds ({args.rounds}) must be a multiple of --instances ({args.instances})")
     args.engine_args_dict = demo_engine_args() if args.engine_args is None else json.loads(args.engine_args)
     args.worker_concurrency = max(args.worker_concurrency, *args.levels)
     if args.warmup_requests is None:
@@ -378,15 +401,16 @@ def make_arms(args: argparse.Namespace, log_dir: Path) -> list[Arm]:
         "temperature": 1.0,
     }
     arms: list[Arm] = []
-    for name in ARM_NAMES:  # fixed order: direct first fills the compile cache for the others
-        if name not in args.arm_names:
-            continue
-        if name == "direct":
-            arms.append(DirectArm(**common))
-        elif name == "vllm-serve":
-            arms.append(VllmServeArm(**common))
-        else:
-            arms.append(FarmArm(**common, worker_concurrency=args.worker_concurrency))
+    for base in ARM_NAMES:  # fixed order: direct first fills the compile cache for the others
+        for name in (base, base + TWIN):
+            if name not in args.arm_names:
+                continue
+            if base == "direct":
+                arms.append(DirectArm(**common, name=name))
+            elif base == "vllm-serve":
+                arms.append(VllmServeArm(**common, name=name))
+            else:
+                arms.append(FarmArm(**common, worker_concurrency=args.worker_concurrency, name=name))
     return arms
 
 
@@ -396,7 +420,9 @@ class Recorder:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.batches: list[dict[str, Any]] = []
-        self.arm_info: dict[str, dict[str, Any]] = {}
+        self.arm_info: dict[str, dict[str, Any]] = {}  # the first instance's figures, and every instance's
+        self.instance = 0
+        self.arms: list[Arm] = []  # the current instance's
 
     def snapshots(self, arms: list[Arm]) -> dict[str, dict[int, tuple[str, float]]]:
         shots = {arm.name: cpu_snapshot(arm.roots()) for arm in arms}
@@ -439,13 +465,14 @@ class Recorder:
         spent = self.spent(before, self.snapshots(arms))
         stats = report.batch_stats(batch)
         own = dict(spent.get(arm.name, {}))
-        if arm.name != "direct":  # the direct arm's client is inside its own process
+        if not isinstance(arm, DirectArm):  # the direct arm's client is inside its own process
             own["bench-client"] = sum(spent["bench-client"].values())
         others = sum(sum(roles.values()) for name, roles in spent.items() if name not in (arm.name, "bench-client"))
         self.batches.append(
             {
                 "label": label,
                 "round": round_index,
+                "instance": self.instance,
                 "concurrency": concurrency,
                 "arm": arm.name,
                 "max_tokens": max_tokens,
@@ -473,7 +500,9 @@ class Recorder:
         started = time.monotonic()
         await arm.start(self.args.start_timeout)
         rss = tree_rss_bytes(arm.roots())
-        self.arm_info[arm.name] = {"ready_s": time.monotonic() - started, "rss_bytes_ready": rss}
+        figures = {"ready_s": time.monotonic() - started, "rss_bytes_ready": rss}
+        info = self.arm_info.setdefault(arm.name, {**figures, "instances": []})
+        info["instances"].append(figures)
         print(f"  {arm.name} ready in {time.monotonic() - started:.0f}s, {rss / 2**30:.1f} GiB resident", flush=True)
 
     async def warm_and_idle(self, arms: list[Arm], warm: list[Arm], book: PromptBook) -> None:
@@ -490,14 +519,32 @@ class Recorder:
         await self.settle(arms)
         idle = await self.idle_cores(arms, 3.0)
         for arm in warm:
-            self.arm_info[arm.name]["idle_cores"] = idle.get(arm.name)
+            self.arm_info[arm.name].setdefault("idle_cores", idle.get(arm.name))
+            self.arm_info[arm.name]["instances"][-1]["idle_cores"] = idle.get(arm.name)
         print(
             "  idle CPU after warm-up (cores): " + ", ".join(f"{a.name} {idle.get(a.name, 0):.3f}" for a in warm),
             flush=True,
         )
 
 
-async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], recorder: Recorder) -> None:
+async def run_arms(args: argparse.Namespace, book: PromptBook, log_dir: Path, recorder: Recorder) -> None:
+    """Every instance in turn: fresh arms (`recorder.arms`), warmed up, its share of the rounds, stopped."""
+    per_instance = args.rounds // args.instances
+    for instance in range(args.instances):
+        arm_logs = log_dir
+        if args.instances > 1:
+            print(f"instance {instance + 1}/{args.instances}", flush=True)
+            arm_logs = log_dir / f"instance-{instance + 1}"
+            arm_logs.mkdir()
+        recorder.instance = instance
+        recorder.arms = make_arms(args, arm_logs)
+        rounds = range(instance * per_instance, (instance + 1) * per_instance)
+        await run_instance(args, book, recorder.arms, rounds, recorder)
+
+
+async def run_instance(
+    args: argparse.Namespace, book: PromptBook, arms: list[Arm], rounds: range, recorder: Recorder
+) -> None:
     started: list[Arm] = []
     try:
         if args.layout == "interleaved":
@@ -505,7 +552,7 @@ async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], 
                 started.append(arm)  # before start: a failed start still has processes to stop
                 await recorder.bring_up(arm)
             await recorder.warm_and_idle(started, started, book)
-            for r in range(args.rounds):
+            for r in rounds:
                 order = arms[r % len(arms) :] + arms[: r % len(arms)]
                 for c, arm in [(c, arm) for c in args.levels for arm in order]:
                     await recorder.batch(
@@ -523,7 +570,7 @@ async def run_arms(args: argparse.Namespace, book: PromptBook, arms: list[Arm], 
                 started.append(arm)
                 await recorder.bring_up(arm)
                 await recorder.warm_and_idle([arm], [arm], book)
-                for r in range(args.rounds):
+                for r in rounds:
                     for c in args.levels:
                         await recorder.batch(
                             arms=[arm],
@@ -574,7 +621,7 @@ def summarize(args: argparse.Namespace, recorder: Recorder) -> dict[str, Any]:
             idle = [b["other_arms_cores"] for b in mine if b["other_arms_cores"] is not None]
             if idle:
                 others.setdefault(arm, {})[c] = statistics.median(idle)
-    compared = report.comparisons(summary)
+    compared = report.comparisons(summary, instances=args.instances)
     return {
         "summary": summary,
         "comparisons": compared,
@@ -607,11 +654,10 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
         flush=True,
     )
     recorder = Recorder(args)
-    arms = make_arms(args, log_dir)
     error: str | None = None
     started_at = datetime.now(UTC).isoformat()
     try:
-        await run_arms(args, book, arms, recorder)
+        await run_arms(args, book, log_dir, recorder)
     except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:  # keep what was measured, say why it ended
         error = f"{exc.__class__.__name__}: {exc}"
         print(f"run stopped: {error}", file=sys.stderr, flush=True)
@@ -628,7 +674,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "host": {**host_info(), "loadavg_before": load_before, "loadavg_after": load_after, "quiet_wait": waited},
         "prompt_tokens": book.prompt_tokens,
-        "arms": {arm.name: {**arm.describe(), **recorder.arm_info.get(arm.name, {})} for arm in arms},
+        "arms": {arm.name: {**arm.describe(), **recorder.arm_info.get(arm.name, {})} for arm in recorder.arms},
         **figures,
         "batches": recorder.batches,
     }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import report
+from bench import report, throughput
 from bench.control_plane import bars
 
 
@@ -56,20 +57,22 @@ def test_serving_bars_of_the_benchmark_issue_hold_at_concurrency_64() -> None:
     assert report.checks({1: {}, 8: {}}) and not any("(#8)" in c["bar"] for c in report.checks({1: {}, 8: {}}))
 
 
-def test_a_ratio_whose_paired_rounds_straddle_its_bar_is_undecided() -> None:
-    def arm(*rounds: float) -> dict[int, dict[str, object]]:
-        figures = dict.fromkeys(("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "tpot_p50_ms"), 1.0)
-        median = sorted(rounds)[len(rounds) // 2]
-        return {
-            64: {
-                **figures,
-                "output_tok_per_s_median": median,
-                "output_tok_per_s_rounds": rounds,
-                "errors": 0,
-                "requests": 2,
-            }
+def arm(*rounds: float) -> dict[int, dict[str, object]]:
+    """One arm's summary at concurrency 64 with these per-round throughputs."""
+    figures = dict.fromkeys(("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "tpot_p50_ms"), 1.0)
+    median = sorted(rounds)[len(rounds) // 2]
+    return {
+        64: {
+            **figures,
+            "output_tok_per_s_median": median,
+            "output_tok_per_s_rounds": list(rounds),
+            "errors": 0,
+            "requests": 2,
         }
+    }
 
+
+def test_a_ratio_whose_paired_rounds_straddle_its_bar_is_undecided() -> None:
     summary = {"direct": arm(100.0, 110.0), "vllm-serve": arm(114.6, 114.6), "farm": arm(114.7, 107.8)}
     compared = report.comparisons(summary)
     assert compared[64]["farm/vllm-serve rounds"] == pytest.approx([114.7 / 114.6, 107.8 / 114.6])
@@ -82,3 +85,58 @@ def test_a_ratio_whose_paired_rounds_straddle_its_bar_is_undecided() -> None:
     assert "undecided" in report.render(summary, compared, report.checks(compared), {})
     # One round, or arms with different rounds, are not paired.
     assert report.paired_ratios({"output_tok_per_s_rounds": [1.0]}, {"output_tok_per_s_rounds": [1.0, 2.0]}) is None
+
+
+def test_a_twin_is_compared_with_its_arm_round_by_round_and_per_instance() -> None:
+    # An A/A run: vllm-serve and its twin, four rounds over two instances (two starts of both arms).
+    summary = {"vllm-serve": arm(100.0, 100.0, 100.0, 100.0), "vllm-serve-b": arm(102.0, 104.0, 99.0, 97.0)}
+    compared = report.comparisons(summary, instances=2)[64]
+    assert compared["vllm-serve-b/vllm-serve"] == pytest.approx(102.0 / 100.0)  # the medians
+    assert compared["vllm-serve-b/vllm-serve rounds"] == pytest.approx([1.02, 1.04, 0.99, 0.97])
+    assert compared["vllm-serve-b/vllm-serve instances"] == pytest.approx([1.03, 0.98])
+    assert "farm-b/farm" not in compared and "direct-b/direct" not in compared  # no twin, no A/A ratio
+    rendered = report.render(summary, {64: compared}, report.checks({64: compared}), {})
+    assert "vllm-serve-b/vllm-serve" in rendered and "1.030 0.980" in rendered
+
+
+def test_a_reference_with_a_twin_is_the_mean_of_the_two_round_by_round() -> None:
+    summary = {
+        "vllm-serve": arm(100.0, 96.0, 100.0),
+        "vllm-serve-b": arm(104.0, 100.0, 98.0),
+        "farm": arm(101.0, 99.0, 100.0),
+        "direct": arm(100.0, 100.0, 100.0),
+    }
+    compared = report.comparisons(summary)[64]
+    assert compared["pooled"] == ["vllm-serve"]
+    assert compared["farm/vllm-serve rounds"] == pytest.approx([101 / 102, 99 / 98, 100 / 99])
+    assert compared["farm/vllm-serve"] == pytest.approx(100 / 99)  # the medians: farm 100, pooled 102 98 99 -> 99
+    assert compared["farm/direct rounds"] == pytest.approx([1.01, 0.99, 1.0])  # no twin: the arm alone
+    rendered = report.render(summary, {64: compared}, report.checks({64: compared}), {})
+    assert "vllm-serve is the mean of vllm-serve and vllm-serve-b" in rendered
+    # A twin that ran other rounds is not pooled.
+    uneven = report.comparisons({**summary, "vllm-serve-b": arm(104.0, 100.0)})[64]
+    assert uneven["farm/vllm-serve rounds"] == pytest.approx([1.01, 99 / 96, 1.0])
+    assert uneven["pooled"] == []
+
+
+def test_a_bar_carries_its_paired_rounds_mean_per_instance() -> None:
+    summary = {"vllm-serve": arm(100.0, 100.0, 100.0), "farm": arm(101.0, 99.0, 96.0)}
+    serve = next(c for c in report.checks(report.comparisons(summary, instances=3)) if c["bar"].endswith("(#8)"))
+    assert serve["instances"] == pytest.approx([1.01, 0.99, 0.96])
+    assert serve["verdict"] == "undecided"
+    # One instance, or rounds that do not split evenly, give no means per instance.
+    assert report.instance_means([1.0, 1.1], 1) is None
+    assert report.instance_means([1.0, 1.1, 1.2], 2) is None
+
+
+def test_the_serving_bench_takes_twins_and_splits_its_rounds_between_instances(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--model-dir", str(tmp_path), "--concurrency", "64"]
+    args = throughput.parse_args([*base, "--arms", "vllm-serve,vllm-serve-b", "--rounds", "6", "--instances", "3"])
+    assert (args.arm_names, args.instances) == (["vllm-serve", "vllm-serve-b"], 3)
+    arms = throughput.make_arms(args, tmp_path)
+    assert [a.name for a in arms] == ["vllm-serve", "vllm-serve-b"]
+    assert arms[0].log_path != arms[1].log_path and arms[0].port != arms[1].port
+    for bad in (["--rounds", "5", "--instances", "2"], ["--arms", "farm-c"]):
+        with pytest.raises(SystemExit):
+            throughput.parse_args([*base, *bad])
