@@ -41,7 +41,8 @@ same machine can differ by a few percent for as long as they run, so with one st
 every paired round of the run. --instances K stops and starts every arm K times, splitting the rounds between the
 starts, and reports each start's mean paired ratio; an arm named with `-b` (e.g. `--arms
 vllm-serve,vllm-serve-b,farm`) is a second, independent copy of that arm, so the run measures the machine's A/A
-spread next to the ratio it judges.
+spread next to the ratio it judges, and the farm is then compared with the mean of the two copies, round by round.
+(On the 2-core dev VM at c=64, vLLM's server against its twin: rounds 0.98-1.03, start means 0.99-1.01.)
 
 Why all three arms stay up (--layout interleaved, the default): interleaving is what makes the comparison fair on a
 shared machine (a neighbour's burst hits every arm of a round instead of one arm's whole block), and it needs every
