@@ -36,13 +36,13 @@ TTFT and latency percentiles pool the requests of all rounds. A throughput bar i
 medians, and is `undecided` when the ratios of the paired rounds fall on both sides of it: the run's own
 round-to-round spread is then wider than the margin it would claim.
 
-Instances and twins. An engine start is itself a source of variance: two starts of the same configuration on the
-same machine can differ by a few percent for as long as they run, so with one start per arm that difference sits in
-every paired round of the run. --instances K stops and starts every arm K times, splitting the rounds between the
-starts, and reports each start's mean paired ratio; an arm named with `-b` (e.g. `--arms
-vllm-serve,vllm-serve-b,farm`) is a second, independent copy of that arm, so the run measures the machine's A/A
-spread next to the ratio it judges, and the farm is then compared with the mean of the two copies, round by round.
-(On the 2-core dev VM at c=64, vLLM's server against its twin: rounds 0.98-1.03, start means 0.99-1.01.)
+Instances and twins. Two copies of the same configuration on the same machine can differ by a percent or two over
+a whole run, and with one copy per arm that difference sits in every paired round. An arm named with `-b` (e.g.
+`--arms vllm-serve,vllm-serve-b,farm`) is a second, independent copy of that arm: the run measures the machine's A/A
+spread next to the ratio it judges, and the farm is compared with the mean of the two copies, round by round.
+--instances K stops and starts every arm K times, splitting the rounds between the starts, and reports each start's
+mean paired ratio. (On the 2-core dev VM at c=64, vLLM's server against its twin: rounds 0.98-1.04, start means
+0.99-1.02; in two of three runs the sign held across all three starts, so a restart alone does not reset it.)
 
 Why all three arms stay up (--layout interleaved, the default): interleaving is what makes the comparison fair on a
 shared machine (a neighbour's burst hits every arm of a round instead of one arm's whole block), and it needs every
@@ -251,8 +251,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=1,
         help="bring the arms up this many times, fresh processes and engines each time, and split the rounds "
-        "between them (--rounds must be a multiple). Two starts of the same engine can differ by a few percent "
-        "for as long as they run; with one instance per arm that difference is in every paired round. The "
+        "between them (--rounds must be a multiple), so that no single start of an arm decides the ratio. The "
         "report gives each instance's mean paired ratio (default %(default)s)",
     )
     run.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
