@@ -195,6 +195,11 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _series(values: list[float] | None) -> str:
+    """Ratios for a table cell: `1.003 0.998`, or `-` for none."""
+    return " ".join(f"{v:.3f}" for v in values or []) or "-"
+
+
 def render_table(rows: list[list[str]], headers: list[str], *, left: tuple[int, ...] = (1,)) -> str:
     """Columns right-aligned, except the `left` ones (names, free text)."""
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=True)]
@@ -287,8 +292,8 @@ def render(
             b["bar"],
             str(b["concurrency"]),
             _fmt(b["value"], ".3f"),
-            " ".join(f"{r:.3f}" for r in b.get("rounds") or []) or "-",
-            " ".join(f"{r:.3f}" for r in b.get("instances") or []) or "-",
+            _series(b.get("rounds")),
+            _series(b.get("instances")),
             b["verdict"],
         ]
         for b in bars
@@ -309,8 +314,8 @@ def render(
             str(c),
             key,
             _fmt(v[key], ".3f"),
-            " ".join(f"{r:.3f}" for r in v.get(f"{key} rounds") or []) or "-",
-            " ".join(f"{r:.3f}" for r in v.get(f"{key} instances") or []) or "-",
+            _series(v.get(f"{key} rounds")),
+            _series(v.get(f"{key} instances")),
         ]
         for c, v in sorted(compared.items())
         for key in v

@@ -101,8 +101,8 @@ from bench.private_farm import ROOT
 DEFAULT_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 DEMO_MODELS_YAML = ROOT / "deploy" / "models" / "demo.yaml"
 RESULTS_DIR = ROOT / "bench" / "results"
-ARM_NAMES = ("direct", "vllm-serve", "farm")
-TWIN = "-b"  # `vllm-serve-b`: a second, independent copy of an arm, for an A/A run (arm against itself)
+ARM_NAMES = (report.DIRECT, report.SERVE, report.FARM)
+TWIN = report.TWIN  # `vllm-serve-b`: a second, independent copy of an arm, for an A/A run (arm against itself)
 IDLE_CORES = 0.1  # all arms together, before a batch starts
 
 
