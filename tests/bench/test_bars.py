@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench import report, throughput
-from bench.control_plane import bars
+from bench.control_plane import Timed, bars, worst_seconds
 
 
 def _row(level: str, value: float, rps: float, p99: float, *, mode: str = "json", errors: int = 0) -> dict[str, Any]:
@@ -140,3 +140,24 @@ def test_the_serving_bench_takes_twins_and_splits_its_rounds_between_instances(t
     for bad in (["--rounds", "5", "--instances", "2"], ["--arms", "farm-c"]):
         with pytest.raises(SystemExit):
             throughput.parse_args([*base, *bad])
+
+
+def test_open_loop_worst_seconds_find_a_pause() -> None:
+    """A tail packed into one second (a pause) is told apart from one spread over the run: the second with the
+    highest p99 comes first, with its epoch time to line up with the farm's logs; errors are left out."""
+    start = 1_000.0
+
+    def second(index: int, latency: float, count: int = 100) -> list[Timed]:
+        return [
+            Timed(start + index + i / count, f"{index}-{i}", None, start + index + i / count + latency)
+            for i in range(count)
+        ]
+
+    timed = second(0, 0.010) + second(1, 0.090) + second(2, 0.020)
+    timed.append(Timed(start + 2.5, None, None, start + 9.0, error="HTTP 503"))
+    worst = worst_seconds(timed, count=2)
+    assert [row["second"] for row in worst] == [1, 2]
+    assert worst[0]["at"] == start + 1
+    assert worst[0]["requests"] == 100 and worst[0]["p99_ms"] == pytest.approx(90.0, abs=0.5)
+    assert worst[1]["p99_ms"] == pytest.approx(20.0, abs=0.5)
+    assert worst_seconds([]) == []
