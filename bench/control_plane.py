@@ -196,23 +196,31 @@ async def closed_loop(
 async def open_loop(
     client: Client, *, rate: float, seconds: float, stream: bool, max_tokens: int, seed: int = 0
 ) -> tuple[list[Timed], float]:
-    """Requests sent at Poisson arrival times (`rate` per second on average, seeded), whatever is in flight."""
+    """Requests sent at Poisson arrival times (`rate` per second on average, seeded), whatever is in flight.
+
+    Each request's task is created at its arrival time, as vLLM's `benchmark_serving` does, not all at the start:
+    creating a level's 10,000-30,000 waiting tasks at once kept the client's loop busy for its first second, and
+    the requests of that second read their answers up to ~0.5 s late (2026-12-07 night)."""
     rng = random.Random(seed)
     arrivals: list[float] = []
     at = 0.0
     while at < seconds:
         arrivals.append(at)
         at += rng.expovariate(rate)
-    started = time.perf_counter()
 
-    async def one(offset: float) -> Timed:
-        await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-        late = time.perf_counter() - started - offset
+    async def one(late: float) -> Timed:
         timed = await client.send(stream=stream, max_tokens=max_tokens)
         timed.late = late
         return timed
 
-    results = await asyncio.gather(*(one(offset) for offset in arrivals))
+    started = time.perf_counter()
+    tasks: list[asyncio.Task[Timed]] = []
+    for offset in arrivals:
+        wait = started + offset - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(time.perf_counter() - started - offset)))
+    results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - started
 
 
@@ -254,10 +262,10 @@ def ms(values: list[float], q: float) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
-def worst_seconds(results: list[Timed], *, count: int = 5) -> list[dict[str, Any]]:
-    """The open loop's `count` seconds (by send time, from the first send) with the highest p99 latency: whether a
+def seconds_of(results: list[Timed]) -> list[dict[str, Any]]:
+    """An open loop's latency second by second (by send time, from the first send), errors left out: whether a
     tail is spread over the run (the load itself) or packed into a few seconds (a pause: a collection, a periodic
-    task, the host)."""
+    task, the host). Each second carries its epoch time, to line up with the farm's logs."""
     ok = [r for r in results if r.error is None]
     if not ok:
         return []
@@ -265,17 +273,21 @@ def worst_seconds(results: list[Timed], *, count: int = 5) -> list[dict[str, Any
     by_second: dict[int, list[float]] = {}
     for r in ok:
         by_second.setdefault(int(r.sent - origin), []).append(r.done - r.sent)
-    rows = [
+    return [
         {
             "second": second,
-            "at": round(origin + second, 3),  # epoch seconds: to line up with the farm's logs
+            "at": round(origin + second, 3),
             "requests": len(values),
             "p50_ms": ms(values, 50),
             "p99_ms": ms(values, 99),
         }
-        for second, values in by_second.items()
+        for second, values in sorted(by_second.items())
     ]
-    return sorted(rows, key=lambda row: row["p99_ms"] or 0.0, reverse=True)[:count]
+
+
+def worst_seconds(results: list[Timed], *, count: int = 5) -> list[dict[str, Any]]:
+    """The open loop's `count` seconds with the highest p99 latency (`seconds_of`), worst first."""
+    return sorted(seconds_of(results), key=lambda row: row["p99_ms"] or 0.0, reverse=True)[:count]
 
 
 def cpu_now(farm: PrivateFarm, *, postgres: bool) -> dict[int, tuple[str, float]]:
@@ -479,6 +491,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     **figures_of_level(farm, args, timed, elapsed, cpu_before),
                     "client_late_p99_ms": ms([t.late for t in timed], 99),
                     "worst_seconds": worst_seconds(timed),
+                    "seconds": seconds_of(timed),
                 }
                 results["rates"].append(figures)
                 print(json.dumps(figures), flush=True)

@@ -161,3 +161,26 @@ def test_open_loop_worst_seconds_find_a_pause() -> None:
     assert worst[0]["requests"] == 100 and worst[0]["p99_ms"] == pytest.approx(90.0, abs=0.5)
     assert worst[1]["p99_ms"] == pytest.approx(20.0, abs=0.5)
     assert worst_seconds([]) == []
+
+
+def test_open_loop_creates_each_request_at_its_arrival() -> None:
+    """The open loop's tasks are created as their arrival times come, not all at once at the start (10,000+
+    waiting tasks kept the client's loop busy for the level's first second); each records how late it was sent."""
+    import asyncio
+
+    from bench.control_plane import open_loop
+
+    class Client:
+        def __init__(self) -> None:
+            self.tasks_at_send: list[int] = []
+
+        async def send(self, *, stream: bool, max_tokens: int) -> Timed:
+            self.tasks_at_send.append(len(asyncio.all_tasks()))
+            await asyncio.sleep(0.001)
+            return Timed(0.0, "j", None, 0.0)
+
+    client = Client()
+    timed, elapsed = asyncio.run(open_loop(client, rate=400.0, seconds=0.5, stream=False, max_tokens=1))  # type: ignore[arg-type]
+    assert 120 <= len(timed) <= 280 and elapsed >= 0.45
+    assert max(client.tasks_at_send) < 30  # the driver and the few requests in flight, not every request
+    assert all(t.late >= 0.0 for t in timed)
