@@ -140,6 +140,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="VLLM_CPU_KVCACHE_SPACE for every arm (default: FARM_CPU_KVCACHE_GIB or 2, the farm's)",
     )
     what.add_argument(
+        "--arm-order",
+        choices=("fixed", "given"),
+        default="fixed",
+        help="the order arms start in and that each round rotates: fixed (direct, vllm-serve, farm, each followed "
+        "by its twin; direct first fills the compile cache for the others) or given (as in --arms). Rotation keeps "
+        "each arm's predecessor, so `given` is how to test whether the arm before one matters",
+    )
+    what.add_argument(
         "--vllm-aot-compile",
         action="store_true",
         help="keep vLLM's AOT compile cache (its default). Off by default here: with vllm-cpu 0.32 and "
@@ -411,6 +419,8 @@ def make_arms(args: argparse.Namespace, log_dir: Path) -> list[Arm]:
                 arms.append(VllmServeArm(**common, name=name))
             else:
                 arms.append(FarmArm(**common, worker_concurrency=args.worker_concurrency, name=name))
+    if args.arm_order == "given":
+        arms.sort(key=lambda arm: args.arm_names.index(arm.name))
     return arms
 
 

@@ -140,6 +140,12 @@ def test_the_serving_bench_takes_twins_and_splits_its_rounds_between_instances(t
     for bad in (["--rounds", "5", "--instances", "2"], ["--arms", "farm-c"]):
         with pytest.raises(SystemExit):
             throughput.parse_args([*base, *bad])
+    # The arms start, and each round rotates, in a fixed order unless asked to keep the order given.
+    named = ["--arms", "farm,vllm-serve-b,vllm-serve"]
+    fixed = throughput.make_arms(throughput.parse_args([*base, *named]), tmp_path)
+    assert [a.name for a in fixed] == ["vllm-serve", "vllm-serve-b", "farm"]
+    given = throughput.make_arms(throughput.parse_args([*base, *named, "--arm-order", "given"]), tmp_path)
+    assert [a.name for a in given] == ["farm", "vllm-serve-b", "vllm-serve"]
 
 
 def test_open_loop_worst_seconds_find_a_pause() -> None:
