@@ -16,7 +16,9 @@ Phases:
            PostgreSQL's server with `--postgres`, the bench's own client): what the 2 cores' budget goes to
   rates    --rates R1,R2: open-loop levels (vLLM's method): Poisson arrivals at R requests/s for --rate-seconds,
            the same seeded arrival times for every run; the achieved rate and the latency p50/p99 at that load (the
-           issue's "requests/s with p99 added latency <= 50 ms": with the null engine all latency is added)
+           issue's "requests/s with p99 added latency <= 50 ms": with the null engine all latency is added); its
+           latency second by second in the results (the table names the five worst seconds: a tail spread over
+           the level is the load, one packed into a few seconds is a pause) and how late the client itself sent
   streams  --open-streams N concurrent SSE streams held open on ONE API process (the null engine emits a token
            every --token-interval s): errors, and the API process' peak RSS.
 
@@ -494,7 +496,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "seconds": seconds_of(timed),
                 }
                 results["rates"].append(figures)
-                print(json.dumps(figures), flush=True)
+                print(json.dumps({k: v for k, v in figures.items() if k != "seconds"}), flush=True)
         if args.open_streams:
             restore_affinity(saved_affinity)
             saved_affinity = {}
