@@ -287,9 +287,20 @@ def seconds_of(results: list[Timed]) -> list[dict[str, Any]]:
     ]
 
 
-def worst_seconds(results: list[Timed], *, count: int = 5) -> list[dict[str, Any]]:
-    """The open loop's `count` seconds with the highest p99 latency (`seconds_of`), worst first."""
-    return sorted(seconds_of(results), key=lambda row: row["p99_ms"] or 0.0, reverse=True)[:count]
+def worst_seconds(seconds: list[dict[str, Any]], *, count: int = 5) -> list[dict[str, Any]]:
+    """The `count` rows of `seconds_of` with the highest p99 latency, worst first."""
+    return sorted(seconds, key=lambda row: row["p99_ms"] or 0.0, reverse=True)[:count]
+
+
+def open_loop_figures(timed: list[Timed]) -> dict[str, Any]:
+    """What an open-loop level adds to a closed-loop one's figures: the client's own lateness and the level's
+    latency second by second, with its worst seconds."""
+    seconds = seconds_of(timed)
+    return {
+        "client_late_p99_ms": ms([t.late for t in timed], 99),
+        "worst_seconds": worst_seconds(seconds),
+        "seconds": seconds,
+    }
 
 
 def cpu_now(farm: PrivateFarm, *, postgres: bool) -> dict[int, tuple[str, float]]:
@@ -491,9 +502,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "rate": rate,
                     "mode": mode,
                     **figures_of_level(farm, args, timed, elapsed, cpu_before),
-                    "client_late_p99_ms": ms([t.late for t in timed], 99),
-                    "worst_seconds": worst_seconds(timed),
-                    "seconds": seconds_of(timed),
+                    **open_loop_figures(timed),
                 }
                 results["rates"].append(figures)
                 print(json.dumps({k: v for k, v in figures.items() if k != "seconds"}), flush=True)

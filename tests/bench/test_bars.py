@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import report, throughput
-from bench.control_plane import Timed, bars, worst_seconds
+from bench.control_plane import Timed, bars, open_loop, seconds_of, worst_seconds
 
 
 def _row(level: str, value: float, rps: float, p99: float, *, mode: str = "json", errors: int = 0) -> dict[str, Any]:
@@ -161,20 +162,17 @@ def test_open_loop_worst_seconds_find_a_pause() -> None:
 
     timed = second(0, 0.010) + second(1, 0.090) + second(2, 0.020)
     timed.append(Timed(start + 2.5, None, None, start + 9.0, error="HTTP 503"))
-    worst = worst_seconds(timed, count=2)
+    worst = worst_seconds(seconds_of(timed), count=2)
     assert [row["second"] for row in worst] == [1, 2]
     assert worst[0]["at"] == start + 1
     assert worst[0]["requests"] == 100 and worst[0]["p99_ms"] == pytest.approx(90.0, abs=0.5)
     assert worst[1]["p99_ms"] == pytest.approx(20.0, abs=0.5)
-    assert worst_seconds([]) == []
+    assert seconds_of([]) == []
 
 
 def test_open_loop_creates_each_request_at_its_arrival() -> None:
     """The open loop's tasks are created as their arrival times come, not all at once at the start (10,000+
     waiting tasks kept the client's loop busy for the level's first second); each records how late it was sent."""
-    import asyncio
-
-    from bench.control_plane import open_loop
 
     class Client:
         def __init__(self) -> None:
