@@ -13,7 +13,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings.django")
 import django
 import orjson
 from django.conf import settings
-from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.http.response import HttpResponseBase
@@ -155,16 +154,17 @@ class FarmASGIHandler(ASGIHandler):
         `request_finished` signals' sync receivers, `response.close`, and the log line of an error response. Each is
         a round trip through a worker thread; with the per-request `ThreadSensitiveContext` each was a new thread.
         Measured in-process (2026-12-02, a 401 answered by the chat view): 768 us of CPU per request through
-        `handle`, 33 us for the view alone. Here they run inline: their receivers (`reset_queries`,
-        `close_old_connections`, `close_caches`, `reset_urlconf`) only touch the calling thread's database
-        connections, and the event loop's thread has none (these views query on `farm.db`'s pool, which checks its
-        own connections), so inline they have nothing to wait for. Every other path keeps Django's own `handle`."""
+        `handle`, 33 us for the view alone. Here the response is closed and the log line written inline, and the two
+        signals are not sent: their receivers (`reset_queries`, `close_old_connections`, `close_caches`) only act on
+        the calling thread's database connections and caches, and the event loop's thread has none (Django refuses
+        a query from async code; these views query on `farm.db`'s pool, which checks its own connections). Sent
+        inline they still cost ~30 us each per request (`connections.all()` through asgiref's thread-critical
+        locals: BENCHMARKS.md, 2026-12-08). Every other path keeps Django's own `handle`."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        signals.request_started.send(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
         if request is None:
             body_file.close()
@@ -196,13 +196,18 @@ class FarmASGIHandler(ASGIHandler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        try:
-            response = tasks[1].result()
-        except asyncio.CancelledError:
-            signals.request_finished.send(sender=self.__class__)
-        else:
-            response.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            _close_quietly(tasks[1].result())
         body_file.close()
+
+
+def _close_quietly(response: HttpResponseBase) -> None:
+    """`response.close()` without the `request_finished` signal (see `FarmASGIHandler.handle_on_the_loop`)."""
+    for closer in response._resource_closers:
+        with contextlib.suppress(Exception):
+            closer()
+    response._resource_closers.clear()
+    response.closed = True
 
 
 class Lifespan:

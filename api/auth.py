@@ -12,7 +12,7 @@ from farm.errors import Unauthenticated
 
 
 def bearer_token(request: HttpRequest) -> str:
-    header = request.headers.get("Authorization", "")
+    header = request.META.get("HTTP_AUTHORIZATION", "")  # not `request.headers`: that parses every header
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated(

@@ -11,13 +11,14 @@ from typing import Any
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.db import DatabaseError, InterfaceError, OperationalError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
+from api.json_response import OrjsonResponse
 from farm.errors import FarmError
 from farm.metrics import LATENCY, REQUESTS
 
@@ -36,14 +37,14 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JsonResponse:
-    response = JsonResponse(error_body(message=message, type=type, param=param, code=code), status=status)
+) -> OrjsonResponse:
+    response = OrjsonResponse(error_body(message=message, type=type, param=param, code=code), status=status)
     for name, value in (headers or {}).items():
         response[name] = value
     return response
 
 
-def farm_error_response(exc: FarmError) -> JsonResponse:
+def farm_error_response(exc: FarmError) -> OrjsonResponse:
     return error_response(
         exc.status, message=exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
     )
@@ -61,7 +62,7 @@ def _dependency(exc: Exception) -> str:
     return "broker" if isinstance(exc, RedisError) else "database"
 
 
-def method_not_allowed(request: HttpRequest, methods: tuple[str, ...]) -> JsonResponse:
+def method_not_allowed(request: HttpRequest, methods: tuple[str, ...]) -> OrjsonResponse:
     return error_response(
         405,
         message=f"Method {request.method} not allowed; use {', '.join(methods)}.",
@@ -202,7 +203,7 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 
 
 @csrf_exempt
-def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+def not_found(request: HttpRequest, exception: Exception | None = None) -> OrjsonResponse:
     return error_response(
         404,
         message=f"Unknown request URL: {request.method} {request.path}.",
@@ -211,7 +212,7 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonR
     )
 
 
-def server_error(request: HttpRequest) -> JsonResponse:
+def server_error(request: HttpRequest) -> OrjsonResponse:
     return error_response(
         500,
         message="The server had an error while processing your request.",

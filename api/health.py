@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest
 from pydantic import BaseModel
 
 from api.errors import allow_methods
+from api.json_response import OrjsonResponse
 from api.schema import Response, operation
 from farm.db import run_db
 from farm.redis_client import async_redis
@@ -32,8 +33,8 @@ class Readiness(BaseModel):
     responses={200: Response("Alive.", {"application/json": Liveness})},
 )
 @allow_methods("GET")
-async def healthz(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"status": "ok"})
+async def healthz(request: HttpRequest) -> OrjsonResponse:
+    return OrjsonResponse({"status": "ok"})
 
 
 def _database_ok() -> None:
@@ -53,7 +54,7 @@ def _database_ok() -> None:
     },
 )
 @allow_methods("GET")
-async def readyz(request: HttpRequest) -> JsonResponse:
+async def readyz(request: HttpRequest) -> OrjsonResponse:
     checks: dict[str, str] = {}
     try:
         await run_db(_database_ok)
@@ -66,4 +67,4 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         checks["broker"] = f"error: {exc.__class__.__name__}"
     ready = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
+    return OrjsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)

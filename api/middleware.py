@@ -52,14 +52,14 @@ class RequestIdMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if self.is_async:
             return self._acall(request)
-        request.request_id = request_id_accept(request.headers.get("x-request-id"))  # type: ignore[attr-defined]
+        request.request_id = request_id_accept(request.META.get("HTTP_X_REQUEST_ID"))  # type: ignore[attr-defined]
         with request_id_bound(request.request_id):  # type: ignore[attr-defined]
             response = self.get_response(request)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
         return response  # type: ignore[return-value]
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
-        request.request_id = request_id_accept(request.headers.get("x-request-id"))  # type: ignore[attr-defined]
+        request.request_id = request_id_accept(request.META.get("HTTP_X_REQUEST_ID"))  # type: ignore[attr-defined]
         with request_id_bound(request.request_id):  # type: ignore[attr-defined]
             response = await self.get_response(request)  # type: ignore[misc]
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]

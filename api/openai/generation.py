@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import orjson
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from redis.exceptions import RedisError
 
 from api.auth import authenticate
 from api.body import json_body, validate
 from api.disconnects import on_client_disconnect
+from api.json_response import OrjsonResponse
 from api.openai.sampling import SamplingRequest
 from farm import jobs
 from farm.api_keys import KeyPrincipal, api_key_check_request
@@ -347,4 +348,4 @@ async def _generate(
         raise failure_error(final)
     TOKENS.labels(model=sub.model).inc(final.completion_tokens)
     await _settle(reservation, final)
-    return JsonResponse({**shaper.body(sub, text=text, finish_reason=final.finish_reason), "usage": usage(final)})
+    return OrjsonResponse({**shaper.body(sub, text=text, finish_reason=final.finish_reason), "usage": usage(final)})

@@ -111,6 +111,50 @@ def test_other_paths_keep_djangos_per_request_thread_context(contexts: list[str]
     assert contexts == ["entered"]
 
 
+@pytest.fixture
+def request_signals() -> list[str]:
+    """Django's request signals as they are sent."""
+    from django.core import signals
+
+    sent: list[str] = []
+
+    def started(**kwargs: Any) -> None:
+        sent.append("started")
+
+    def finished(**kwargs: Any) -> None:
+        sent.append("finished")
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    yield sent
+    signals.request_started.disconnect(started)
+    signals.request_finished.disconnect(finished)
+
+
+@pytest.mark.parametrize("path", sorted(api.asgi.ON_THE_LOOP_PATHS))
+def test_generation_endpoints_skip_the_request_signals_but_close_the_request(
+    path: str, request_signals: list[str], monkeypatch
+) -> None:
+    """Their receivers act on the calling thread's database connections, and the event loop's thread has none
+    (Django refuses a query from async code): sent, they cost ~60 us per request for nothing (BENCHMARKS.md,
+    2026-12-08). The response's closers still run: the request (and any file it spooled) is closed."""
+    from django.core.handlers.asgi import ASGIRequest
+
+    closed: list[str] = []
+    original = ASGIRequest.close
+    monkeypatch.setattr(ASGIRequest, "close", lambda self: (closed.append(self.path), original(self))[1])
+    sent = drive(path)
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 401
+    assert request_signals == []
+    assert closed == [path]
+
+
+def test_djangos_own_path_sends_the_request_signals(request_signals: list[str]) -> None:
+    """The contrast that makes the test above able to fail."""
+    drive("/healthz", method="GET")
+    assert request_signals == ["started", "finished"]
+
+
 def test_generation_requests_leave_no_reference_cycles(settings) -> None:
     """uvicorn answers `receive()` with `http.disconnect` once the response is complete. Django's disconnect
     listener raised `RequestAborted` there, and the exception's traceback tied the handler's frame, request, response

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest
 from pydantic import BaseModel
 
 from api.auth import authenticate
 from api.errors import openai_endpoint
+from api.json_response import OrjsonResponse
 from api.schema import Response, operation
 from farm.catalog import ModelEntry, model_catalog
 from farm.inference import model_resolve
@@ -34,16 +35,16 @@ def _model_object(model: ModelEntry) -> dict[str, Any]:
 @operation(method="GET", operation_id="listModels", summary="List the models this farm serves", tags=("OpenAI",),
            responses={200: Response("Public model names.", {"application/json": ModelList})}, errors=(401, 500, 503))
 @openai_endpoint("GET")
-async def model_list(request: HttpRequest) -> JsonResponse:
+async def model_list(request: HttpRequest) -> OrjsonResponse:
     principal = await authenticate(request)
     models = sorted((m for m in (await model_catalog()).values() if m.visible_to(principal.owner_id)),
                     key=lambda m: m.name)
-    return JsonResponse({"object": "list", "data": [_model_object(m) for m in models]})
+    return OrjsonResponse({"object": "list", "data": [_model_object(m) for m in models]})
 
 
 @operation(method="GET", operation_id="retrieveModel", summary="Retrieve a model", tags=("OpenAI",),
            responses={200: Response("The model.", {"application/json": ModelObject})}, errors=(401, 404, 500, 503))
 @openai_endpoint("GET")
-async def model_detail(request: HttpRequest, model_id: str) -> JsonResponse:
+async def model_detail(request: HttpRequest, model_id: str) -> OrjsonResponse:
     principal = await authenticate(request)
-    return JsonResponse(_model_object(await model_resolve(model_id, owner_id=principal.owner_id)))
+    return OrjsonResponse(_model_object(await model_resolve(model_id, owner_id=principal.owner_id)))
