@@ -246,17 +246,26 @@ def job_created_at(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
 
 
 def first_token_in_redis(farm: PrivateFarm, job_ids: list[str]) -> dict[str, float]:
-    """job id -> epoch seconds of the first entry of its token stream (Redis stream ids are ms timestamps)."""
+    """job id -> epoch seconds of the first worker entry of its token stream (Redis stream ids are ms timestamps).
+    The stream's opening entry (`Restart(1)`, written by the API at intake) and any later restart are skipped: taking
+    the first entry, as this did from 81aa0a4 to 2026-12-08, timed the intake's write, not the worker's."""
     import redis
+
+    from farm import stream_format
 
     client = redis.Redis(port=farm.redis_port)
     with client.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.xrange(f"farm:job:{job_id}:stream", count=1)
+            pipe.xrange(f"farm:job:{job_id}:stream", count=8)
         replies = pipe.execute()
-    return {
-        job_id: int(reply[0][0].split(b"-")[0]) / 1000 for job_id, reply in zip(job_ids, replies, strict=True) if reply
-    }
+    field = stream_format.FIELD.encode()
+    firsts = {}
+    for job_id, entries in zip(job_ids, replies, strict=True):
+        for entry_id, fields in entries:
+            if not isinstance(stream_format.decode(fields[field]), stream_format.Restart):
+                firsts[job_id] = int(entry_id.split(b"-")[0]) / 1000
+                break
+    return firsts
 
 
 def ms(values: list[float], q: float) -> float | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm import queues
-from farm.job_streams import job_streams_open
+from farm.job_streams import job_streams_open, opening_ids
 from farm.redis_client import sync_redis
 from farm.request_ids import request_id_bound
 from farm.task_messages import task_message, task_push_many
@@ -88,20 +88,20 @@ def inference_publish(
         inference_publish_now([task])
 
 
-def inference_publish_now(tasks: Sequence[InferenceTask], *, open_streams: bool = False) -> None:
+def inference_publish_now(tasks: Sequence[InferenceTask], *, open_streams: bool = False) -> list[bytes]:
     """Sends the tasks to their `infer.<spec>` queues now. On a Redis broker (the request path) their messages are
     pushed as Celery would push them, all in one round trip (`farm.task_messages`); on another broker, by Celery.
 
     `open_streams` (new jobs): each job's stream gets its opening entry first (`job_streams_open`), on a Redis
     broker in the same round trip, ahead of the messages: a worker's first write must find it there, and a separate
-    round trip cost the API 0.06-0.15 ms per request (BENCHMARKS.md, 2026-12-07 morning)."""
+    round trip cost the API 0.06-0.15 ms per request (BENCHMARKS.md, 2026-12-07 morning). Returns the opening
+    entries' ids, one per task (none without `open_streams`)."""
     opening = [(task.job_id, task.deadline) for task in tasks] if open_streams else []
     if not _redis_broker():
-        if opening:
-            job_streams_open(opening)
+        opened = (job_streams_open(opening) or []) if opening else []
         for task in tasks:
             _send_through_celery(task)
-        return
+        return opened
     messages = []
     for task in tasks:
         queue = queues.infer_queue(task.spec)
@@ -117,7 +117,7 @@ def inference_publish_now(tasks: Sequence[InferenceTask], *, open_streams: bool 
         if opening:
             job_streams_open(opening, pipe=pipe)
         task_push_many(messages, pipe=pipe)
-        pipe.execute()
+        return opening_ids(pipe.execute(), len(opening))
 
 
 def _send_through_celery(task: InferenceTask, *, countdown: float = 0.0) -> None:

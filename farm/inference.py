@@ -12,6 +12,7 @@ from farm.api_keys import KeyPrincipal
 from farm.catalog import ModelEntry, model_catalog
 from farm.errors import ModelNotFound, ModelOverloaded, Unavailable
 from farm.job_intake import RETRY_AFTER_S, NewJob, job_intake
+from farm.job_streams import FROM_START
 from farm.models import OnLimit
 from farm.registry import live_workers_serving, registry_reread
 from farm.routing import SpecState, model_overloaded, route_request, spec_states
@@ -31,6 +32,7 @@ class Submission:
     spec: str
     created: int
     deadline: float
+    stream_after: bytes = FROM_START  # its stream's opening entry: its reader starts after it (`farm.job_streams`)
 
 
 async def model_resolve(name: str, *, owner_id: int | None) -> ModelEntry:
@@ -105,7 +107,7 @@ async def inference_submit(
     now = time.time()
     deadline = started + timeout_s  # time spent waiting for room counts against the request's deadline
     spec_id = next(s.id for s in model.specs if s.name == spec_name)
-    job_id = await job_intake(
+    accepted = await job_intake(
         NewJob(
             owner_id=principal.owner_id,
             api_key_id=principal.key_id,
@@ -121,4 +123,11 @@ async def inference_submit(
             adapter=None if model.adapter is None else (model.adapter.lora_id, model.adapter.file_id),
         )
     )
-    return Submission(job_id=job_id, model=model.name, spec=spec_name, created=int(now), deadline=deadline)
+    return Submission(
+        job_id=accepted.job_id,
+        model=model.name,
+        spec=spec_name,
+        created=int(now),
+        deadline=deadline,
+        stream_after=accepted.stream_after,
+    )

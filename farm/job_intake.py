@@ -41,6 +41,14 @@ MAX_GROUPS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """A job written and published: its id, and its stream's opening entry (its reader starts after it)."""
+
+    job_id: str
+    stream_after: bytes
+
+
+@dataclass(frozen=True)
 class NewJob:
     """An accepted inference request, routed to its spec: what its row and its message hold."""
 
@@ -58,13 +66,13 @@ class NewJob:
     adapter: tuple[int, str] | None = None  # a fine-tuned model: (lora id, file id) of its adapter
 
 
-async def job_intake(job: NewJob) -> str:
-    """Writes the job's row (queued) and then publishes its message, in this process' next group; returns its id."""
+async def job_intake(job: NewJob) -> Accepted:
+    """Writes the job's row (queued) and then publishes its message, in this process' next group."""
     return await _intake_for_loop().submit(job)
 
 
-def jobs_create_and_publish(new: Sequence[NewJob]) -> list[str | FarmError]:
-    """Rows first (committed), then messages: each job's id, or the error its request answers with. Runs on a
+def jobs_create_and_publish(new: Sequence[NewJob]) -> list[Accepted | FarmError]:
+    """Rows first (committed), then messages: each job's acceptance, or the error its request answers with. Runs on a
     database thread. A lost database connection raises for the whole group (every request answers 503)."""
     ids = [uuid.uuid4() for _ in new]
     rows = [
@@ -95,13 +103,13 @@ def jobs_create_and_publish(new: Sequence[NewJob]) -> list[str | FarmError]:
             log.info("job %s queued on %s for key %s", job_id, job.spec_name, job.key_prefix)
     tasks = [_task(str(job_id), job) for job_id, job in zip(ids, new, strict=True)]
     try:
-        inference_publish_now(tasks, open_streams=True)
+        opened = inference_publish_now(tasks, open_streams=True)
     except Exception as exc:  # broker down: the clients are told, and the rows do not stay queued
         return [_publish_failed(task, exc) for task in tasks]
-    return [str(job_id) for job_id in ids]
+    return [Accepted(task.job_id, entry_id) for task, entry_id in zip(tasks, opened, strict=True)]
 
 
-def _alone(job: NewJob) -> list[str | FarmError]:
+def _alone(job: NewJob) -> list[Accepted | FarmError]:
     try:
         return jobs_create_and_publish([job])
     except (OperationalError, InterfaceError):
@@ -153,11 +161,11 @@ class _Intake:
     """One event loop's groups: jobs wait in `pending` until a group slot is free, then go together."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[NewJob, asyncio.Future[str]]] = []
+        self._pending: list[tuple[NewJob, asyncio.Future[Accepted]]] = []
         self._in_flight = 0
 
-    def submit(self, job: NewJob) -> asyncio.Future[str]:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    def submit(self, job: NewJob) -> asyncio.Future[Accepted]:
+        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((job, future))
         if self._in_flight < MAX_GROUPS_IN_FLIGHT:
             self._in_flight += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.client import Pipeline
@@ -28,18 +29,26 @@ LOST_STREAM_CHECK_S = 5.0
 # soon as that many are open: in a closed loop whole waves of requests end together, and the first readers of the
 # next wave would otherwise make an XREAD of their own for every token of their answers.
 HUB_MIN_READERS = 16
+# Where a reader that does not know its stream's opening entry starts.
+FROM_START = b"0-0"
 
 
-async def job_stream_batches(job_id: str, *, deadline: float) -> AsyncIterator[list[StreamEvent]]:
+async def job_stream_batches(
+    job_id: str, *, deadline: float, after: bytes = FROM_START
+) -> AsyncIterator[list[StreamEvent]]:
     """The job's stream as it arrives, one non-empty list per read: deltas (and `Restart`s of retried attempts),
     ending with its `End` or `Failure`; a 504 `Failure` if nothing ends it in time. A reader that writes what it
     reads (SSE) sends each list in one write: under load a read returns many tokens at once. The process' stream hub
-    reads it while many streams are open (`farm.stream_hub`: one XREAD for all of a process' readers)."""
+    reads it while many streams are open (`farm.stream_hub`: one XREAD for all of a process' readers).
+
+    `after`: read from the entry after this id. The request that accepted the job passes its stream's opening entry
+    (`job_streams_open`): a first read from the start would return at once with only that entry, which readers
+    skip, and cost a round trip per request for nothing."""
     client = async_redis()
     key = redis_keys.job_stream(job_id)
     hub = stream_hub(client)
     hub.readers += 1
-    subscription: Subscription | OwnReads = OwnReads(client, key)  # onto the hub at its first read when crowded
+    subscription: Subscription | OwnReads = OwnReads(client, key, after)  # onto the hub at its first read if crowded
     try:
         sent = ""  # text of the current attempt read so far
         check_at = time.time() + LOST_STREAM_CHECK_S
@@ -84,8 +93,8 @@ class OwnReads:
     """A stream read by its own XREADs: while few streams are open, or a second reader of a stream the hub already
     reads for another."""
 
-    def __init__(self, client: aioredis.Redis, key: str) -> None:
-        self.client, self.key, self.last_id = client, key, b"0-0"
+    def __init__(self, client: aioredis.Redis, key: str, after: bytes = b"0-0") -> None:
+        self.client, self.key, self.last_id = client, key, after
 
     async def read(self, wait_s: float) -> list[Entry]:
         block_ms = max(1, int(min(wait_s, BLOCK_S) * 1000))
@@ -99,9 +108,9 @@ class OwnReads:
         return entries
 
 
-async def job_stream_events(job_id: str, *, deadline: float) -> AsyncIterator[StreamEvent]:
+async def job_stream_events(job_id: str, *, deadline: float, after: bytes = FROM_START) -> AsyncIterator[StreamEvent]:
     """`job_stream_batches`, one event at a time."""
-    async for batch in job_stream_batches(job_id, deadline=deadline):
+    async for batch in job_stream_batches(job_id, deadline=deadline, after=after):
         for event in batch:
             yield event
 
@@ -148,10 +157,10 @@ def job_row_outcome(job_id: str) -> tuple[str, End | Failure] | None:
     return "", Failure(400, "invalid_request_error", code, message or "The request was refused by the engine.")
 
 
-async def job_collect(job_id: str, *, deadline: float) -> tuple[str, End | Failure]:
-    """The whole text and the final event, for non-streaming responses."""
+async def job_collect(job_id: str, *, deadline: float, after: bytes = FROM_START) -> tuple[str, End | Failure]:
+    """The whole text and the final event, for non-streaming responses (`after`: as `job_stream_batches`)."""
     parts: list[str] = []
-    async for event in job_stream_events(job_id, deadline=deadline):
+    async for event in job_stream_events(job_id, deadline=deadline, after=after):
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Restart):
@@ -161,22 +170,30 @@ async def job_collect(job_id: str, *, deadline: float) -> tuple[str, End | Failu
     raise AssertionError("job stream ended without a final event")  # job_stream_events always ends with one
 
 
-def job_streams_open(jobs: Sequence[tuple[str, float]], *, pipe: Pipeline | None = None) -> None:
+def job_streams_open(jobs: Sequence[tuple[str, float]], *, pipe: Pipeline | None = None) -> list[bytes] | None:
     """Creates the streams of new jobs, given as (job id, deadline in epoch seconds), in one round trip; with `pipe`,
     in that pipeline's (`farm.dispatch` sends them with the jobs' messages, and before them). Each starts with
     `Restart(1)` (attempt 1 begins: readers skip it) and lives until STREAM_TTL_S past its job's deadline; the job's
     last entry sets its final TTL. While its job waits in a queue the stream is there, so a reader that finds no
     stream knows Redis lost it: before, each reader of a job queued for longer than LOST_STREAM_CHECK_S read the
-    job's row every LOST_STREAM_CHECK_S (at concurrency 64 on the demo model, 285 reads in 192 requests)."""
+    job's row every LOST_STREAM_CHECK_S (at concurrency 64 on the demo model, 285 reads in 192 requests).
+
+    Returns the opening entries' ids (the request's reader starts after its own); with `pipe`, None: they are in its
+    replies (`opening_ids`)."""
     now = time.time()
     writes = [
         (job_id, Restart(attempt=1), int(max(0.0, deadline - now)) + redis_keys.STREAM_TTL_S)
         for job_id, deadline in jobs
     ]
     if pipe is None:
-        _append(writes)
-    else:
-        _queue_appends(pipe, writes)
+        return opening_ids(_append(writes), len(writes))
+    _queue_appends(pipe, writes)
+    return None
+
+
+def opening_ids(replies: Sequence[Any], count: int) -> list[bytes]:
+    """The entry ids of `count` appends that open a pipeline's replies (each an XADD's id, then its EXPIRE's)."""
+    return list(replies[0 : 2 * count : 2])
 
 
 def job_stream_append(job_id: str, event: StreamEvent) -> None:
@@ -184,11 +201,11 @@ def job_stream_append(job_id: str, event: StreamEvent) -> None:
     _append([(job_id, event, redis_keys.STREAM_TTL_S)])
 
 
-def _append(writes: Sequence[tuple[str, StreamEvent, int]]) -> None:
-    """(job id, event, the stream's TTL in seconds afterwards) for each write, in one round trip."""
+def _append(writes: Sequence[tuple[str, StreamEvent, int]]) -> list[Any]:
+    """(job id, event, the stream's TTL in seconds afterwards) for each write, in one round trip; its replies."""
     with sync_redis().pipeline(transaction=False) as pipe:
         _queue_appends(pipe, writes)
-        pipe.execute()
+        return pipe.execute()
 
 
 def _queue_appends(pipe: Pipeline, writes: Sequence[tuple[str, StreamEvent, int]]) -> None:

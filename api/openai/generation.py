@@ -327,7 +327,7 @@ async def _generate(
     if params.stream:
         # Wait for the first event before answering, so an error that comes before any token (context too long,
         # no capacity, deadline) gets its own HTTP status instead of a 200 with an error event.
-        batches = job_stream_batches(sub.job_id, deadline=sub.deadline)
+        batches = job_stream_batches(sub.job_id, deadline=sub.deadline, after=sub.stream_after)
         head = await _first_batch(batches)
         if isinstance(head[0], Failure):
             if head[0].code == "deadline_exceeded":
@@ -341,7 +341,7 @@ async def _generate(
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
-    text, final = await job_collect(sub.job_id, deadline=sub.deadline)
+    text, final = await job_collect(sub.job_id, deadline=sub.deadline, after=sub.stream_after)
     if isinstance(final, Failure):
         if final.code == "deadline_exceeded":
             await _mark_timed_out(sub)

@@ -17,10 +17,10 @@ from redis.connection import Connection
 from farm import job_intake, job_streams, queues, redis_keys, stream_format
 from farm.catalog import model_upsert, spec_upsert
 from farm.errors import FarmError
-from farm.job_intake import NewJob
+from farm.job_intake import Accepted, NewJob
 from farm.models import Job, JobStatus
 from farm.redis_client import sync_redis
-from farm.stream_format import Failure, Restart
+from farm.stream_format import Delta, End, Failure, Restart
 
 pytestmark = pytest.mark.django_db(transaction=True)  # rows are written on the API's own database threads
 
@@ -74,10 +74,12 @@ def queued_messages() -> dict[str, dict]:
 
 
 def submit_all(jobs: list[NewJob]) -> list[str | BaseException]:
-    async def scenario() -> list[str | BaseException]:
+    """Each job's id, or the error its request got."""
+
+    async def scenario() -> list[Accepted | BaseException]:
         return await asyncio.gather(*(job_intake.job_intake(job) for job in jobs), return_exceptions=True)
 
-    return asyncio.run(scenario())
+    return [outcome.job_id if isinstance(outcome, Accepted) else outcome for outcome in asyncio.run(scenario())]
 
 
 def test_requests_that_arrive_together_are_written_in_groups_each_with_its_own_row_and_message(
@@ -155,13 +157,51 @@ def test_a_groups_streams_open_before_its_messages_in_the_same_round_trip(new_jo
         return send(self, command, check_health)
 
     monkeypatch.setattr(Connection, "send_packed_command", recorded)
-    ids = job_intake.jobs_create_and_publish([new_job, NewJob(**{**new_job.__dict__, "request": {"n": 2}})])
+    accepted = job_intake.jobs_create_and_publish([new_job, NewJob(**{**new_job.__dict__, "request": {"n": 2}})])
     monkeypatch.undo()
+    ids = [a.job_id for a in accepted if isinstance(a, Accepted)]
 
     [write] = sent
     assert write.count(b"XADD") == 2 and write.count(b"LPUSH") == 1
     assert write.rindex(b"XADD") < write.index(b"LPUSH")
     assert set(queued_messages()) == set(ids)
-    for job_id in ids:
-        [(_entry_id, fields)] = sync_redis().xrange(redis_keys.job_stream(job_id))
+    for job_id, acceptance in zip(ids, accepted, strict=True):
+        [(entry_id, fields)] = sync_redis().xrange(redis_keys.job_stream(job_id))
         assert stream_format.decode(fields[stream_format.FIELD.encode()]) == Restart(attempt=1)
+        assert acceptance.stream_after == entry_id  # where the request's reader starts
+
+
+def answer_in_one_write(job_id: str) -> None:
+    """A delta and the end in one atomic write (MULTI/EXEC; the worker uses a script): a blocked reader wakes once."""
+    with sync_redis().pipeline(transaction=True) as pipe:
+        job_streams._queue_appends(pipe, [(job_id, event, 60) for event in (Delta("hi", 1), End("stop", 3, 1))])
+        pipe.execute()
+
+
+@pytest.mark.parametrize("start", ["after the opening entry", "from the start"])
+def test_the_requests_reader_starts_after_its_streams_opening_entry(new_job: NewJob, monkeypatch, start: str) -> None:
+    """The intake returns the opening entry's id and the request's reader starts after it: a first read from the
+    start returned at once with only that entry (which readers skip) and cost a round trip per request. A job
+    answered in one write is read in one XREAD; from the start (the contrast) it took two."""
+    reads: list[bytes] = []
+    own_read = job_streams.OwnReads.read
+
+    async def counted(self: job_streams.OwnReads, wait_s: float) -> list:
+        reads.append(self.last_id)
+        return await own_read(self, wait_s)
+
+    monkeypatch.setattr(job_streams.OwnReads, "read", counted)
+    [accepted] = job_intake.jobs_create_and_publish([new_job])
+    assert isinstance(accepted, Accepted)
+    after = accepted.stream_after if start == "after the opening entry" else job_streams.FROM_START
+
+    async def scenario() -> tuple[str, object]:
+        reader = asyncio.create_task(job_streams.job_collect(accepted.job_id, deadline=time.time() + 5, after=after))
+        await asyncio.sleep(0.3)  # the reader waits for the worker, which then answers in one write
+        await asyncio.to_thread(answer_in_one_write, accepted.job_id)
+        return await reader
+
+    text, final = asyncio.run(scenario())
+
+    assert (text, final) == ("hi", End("stop", 3, 1))
+    assert len(reads) == (1 if start == "after the opening entry" else 2)
