@@ -21,6 +21,7 @@ from django.utils.log import log_response
 
 from api.disconnects import DisconnectWatch
 from api.middleware import RequestIdASGI
+from api.sse import SseResponse, sse_send
 from farm.garbage_collection import freeze_startup
 from settings import env
 
@@ -138,7 +139,14 @@ ON_THE_LOOP_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 
 
 class FarmASGIHandler(ASGIHandler):
-    """Django's ASGI handler; the generation endpoints are handled without a thread hop (`handle_on_the_loop`)."""
+    """Django's ASGI handler; the generation endpoints are handled without a thread hop (`handle_on_the_loop`), and
+    their SSE streams end with their last chunk (`api.sse`)."""
+
+    async def send_response(self, response: HttpResponseBase, send: Send) -> None:
+        if isinstance(response, SseResponse):
+            await sse_send(response, send)
+        else:
+            await super().send_response(response, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") in ON_THE_LOOP_PATHS:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse
 from redis.exceptions import RedisError
 
 from api.auth import authenticate
@@ -23,6 +23,7 @@ from api.body import json_body, validate
 from api.disconnects import on_client_disconnect
 from api.json_response import OrjsonResponse
 from api.openai.sampling import SamplingRequest
+from api.sse import DONE, SseResponse
 from farm import jobs
 from farm.api_keys import KeyPrincipal, api_key_check_request
 from farm.db import run_db
@@ -187,7 +188,6 @@ _WORKER_LOST = {
         "code": "worker_lost",
     }
 }
-_DONE = b"data: [DONE]\n\n"
 
 
 async def _sse_chunks(
@@ -208,7 +208,7 @@ async def _sse_chunks(
             if isinstance(event, Restart):
                 if deltas.first:  # nothing sent yet: the retry is invisible to the client
                     continue
-                yield b"".join([*parts, _sse(_WORKER_LOST), _DONE])
+                yield b"".join([*parts, _sse(_WORKER_LOST), DONE])
                 return
             if isinstance(event, Delta):
                 streamed.tokens += event.tokens
@@ -235,11 +235,11 @@ async def _sse_chunks(
                     _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
                 )
         if batch and isinstance(batch[-1], End | Failure):  # the stream's last batch: its end goes in the same write
-            yield b"".join([*parts, _DONE])
+            yield b"".join([*parts, DONE])
             return
         if parts:
             yield b"".join(parts)
-    yield _DONE
+    yield DONE
 
 
 async def _first_batch(batches: AsyncIterator[list[StreamEvent]]) -> list[StreamEvent]:
@@ -334,13 +334,7 @@ async def _generate(
                 await _mark_timed_out(sub)
             raise failure_error(head[0])
         TTFT.labels(model=sub.model).observe(time.perf_counter() - started)
-        response = StreamingHttpResponse(
-            _event_stream(sub, shaper, params.include_usage, _prepend(head, batches), reservation),
-            content_type="text/event-stream",
-        )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
+        return SseResponse(_event_stream(sub, shaper, params.include_usage, _prepend(head, batches), reservation))
     text, final = await job_collect(sub.job_id, deadline=sub.deadline, after=sub.stream_after)
     if isinstance(final, Failure):
         if final.code == "deadline_exceeded":
