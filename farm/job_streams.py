@@ -93,7 +93,7 @@ class OwnReads:
     """A stream read by its own XREADs: while few streams are open, or a second reader of a stream the hub already
     reads for another."""
 
-    def __init__(self, client: aioredis.Redis, key: str, after: bytes = b"0-0") -> None:
+    def __init__(self, client: aioredis.Redis, key: str, after: bytes = FROM_START) -> None:
         self.client, self.key, self.last_id = client, key, after
 
     async def read(self, wait_s: float) -> list[Entry]:

@@ -174,7 +174,7 @@ async def _event_stream(
                 }
             }
         )
-        yield b"data: [DONE]\n\n"
+        yield DONE
     finally:
         unregister()
 
